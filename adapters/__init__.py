@@ -1,0 +1,4 @@
+"""Adapters from other frameworks to oscar_cupy, installed as ``oscar_cupy.adapters``.
+
+- :mod:`oscar_cupy.adapters.torch`: torch tensors to and from the library's arrays (DLPack, no copy).
+"""

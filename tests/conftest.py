@@ -1,0 +1,30 @@
+import zlib
+
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import settings
+
+settings.register_profile("default", max_examples=30)
+settings.register_profile("thorough", max_examples=600)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32]
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded from the test's name: fresh data per test, reproducible per test."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def random_kv(rng, batch=2, kv_heads=2, tokens=100, head_dim=64, dtype=np.float32):
+    """Keys with a per-channel mean and a few outlier channels (as real keys have), and normal values."""
+    mean = rng.standard_normal((1, kv_heads, 1, head_dim)) * 2
+    outliers = rng.choice(head_dim, size=max(1, head_dim // 32), replace=False)
+    keys = rng.standard_normal((batch, kv_heads, tokens, head_dim)) + mean
+    keys[..., outliers] *= 8
+    values = rng.standard_normal((batch, kv_heads, tokens, head_dim))
+    return keys.astype(dtype), values.astype(dtype)

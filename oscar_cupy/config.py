@@ -107,10 +107,11 @@ class QuantConfig:
 
     @classmethod
     def preset(cls, name: str, **changes) -> "QuantConfig":
-        """The preset called ``name`` (see :data:`PRESETS`), with optional field changes."""
-        if name not in PRESETS:
+        """The preset called ``name`` (see :data:`PRESETS`; ``_`` may stand for ``-``), with optional field changes."""
+        key = name.replace("_", "-")
+        if key not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
-        return PRESETS[name].replace(**changes) if changes else PRESETS[name]
+        return PRESETS[key].replace(**changes) if changes else PRESETS[key]
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, QuantConfig):

@@ -20,6 +20,7 @@ def test_presets():
         assert PRESETS[f"scaling-only-{bits}"].rotation == "none"
         assert all(c.bits == int(name[-1]) for name, c in PRESETS.items())
     assert QuantConfig.preset("kivi-2", key_group=128).key_group == 128
+    assert QuantConfig.preset("hadamard_only_4") == PRESETS["hadamard-only-4"]
     with pytest.raises(ValueError, match="unknown preset"):
         QuantConfig.preset("oscar-3")
 

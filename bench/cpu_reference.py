@@ -56,7 +56,8 @@ def main():
 
     result = dict(
         benchmark="cpu_reference", date=datetime.date.today().isoformat(), command=" ".join(sys.argv),
-        machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), python=platform.python_version()),
+        machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
+                     python=platform.python_version()),
         versions=dict(oscar_cupy=oc.__version__, numpy=np.__version__, numba=numba.__version__),
         shape=dict(layers=LAYERS, q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, batch=1, window=255),
         config="oscar-2", rows=rows,
@@ -68,7 +69,8 @@ def main():
         "",
         f"`{result['command']}`; oscar-2, batch 1, 255-token full-precision window; medians of {args.repeats} runs.",
         "",
-        "| context | quantize (ms/layer) | decode (ms/layer/token) | quantize, 30 layers (s) | decode, 30 layers (s/token) |",
+        "| context | quantize (ms/layer) | decode (ms/layer/token) | quantize, 30 layers (s) "
+        "| decode, 30 layers (s/token) |",
         "|---:|---:|---:|---:|---:|",
     ]
     for row in rows:

@@ -57,24 +57,36 @@ def accept(x, name: str):
     if kind is Kind.TORCH:
         from oscar_cupy.adapters.torch import tensor_to_array
 
-        array = tensor_to_array(x)
-    else:
-        array = x
-    if not isinstance(array, np.ndarray):
-        raise NotImplementedError(
-            f"{name} is on a CUDA device, but this build of oscar_cupy has only the CPU backend; "
-            "pass a CPU array (numpy or a CPU torch tensor)"
-        )
-    return array, kind
+        return tensor_to_array(x), kind
+    return x, kind
+
+
+def on_gpu(array) -> bool:
+    """Whether a backend array is a cupy array (else numpy)."""
+    return not isinstance(array, np.ndarray)
+
+
+def to_host(array) -> np.ndarray:
+    """A numpy array of a numpy or cupy array (a device-to-host copy for cupy)."""
+    return array if isinstance(array, np.ndarray) else array.get()
 
 
 def same_kind(arrays_and_kinds, names) -> Kind:
-    """The common kind of several accepted arguments; ``TypeError`` if they mix kinds."""
+    """The common kind of several accepted arguments; ``TypeError`` if they mix kinds or devices."""
     kinds = {kind for _, kind in arrays_and_kinds}
     if len(kinds) > 1:
         listed = ", ".join(f"{n}: {k.value}" for n, (_, k) in zip(names, arrays_and_kinds))
         raise TypeError(f"arguments mix array kinds ({listed}); pass all as the same kind")
+    devices = {device_of(array) for array, _ in arrays_and_kinds}
+    if len(devices) > 1:
+        listed = ", ".join(f"{n}: {device_of(a)}" for n, (a, _) in zip(names, arrays_and_kinds))
+        raise ValueError(f"arguments are on different devices ({listed}); move them to one device")
     return kinds.pop()
+
+
+def device_of(array) -> str:
+    """``"cpu"`` or ``"cuda:<id>"`` of a backend array."""
+    return "cpu" if isinstance(array, np.ndarray) else f"cuda:{array.device.id}"
 
 
 def check_float(x, name: str) -> None:
@@ -107,7 +119,7 @@ def check_lengths(lengths, name: str, batch: int, capacity: int) -> np.ndarray:
     """Per-sequence valid token counts as an int64 ``(batch,)`` array; ``None`` means all ``capacity`` tokens."""
     if lengths is None:
         return np.full(batch, capacity, dtype=np.int64)
-    array, _ = accept(lengths, name) if not isinstance(lengths, (list, tuple)) else (np.asarray(lengths), None)
+    array = np.asarray(lengths) if isinstance(lengths, (list, tuple)) else to_host(accept(lengths, name)[0])
     if array.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
     if array.shape != (batch,):

@@ -20,7 +20,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from oscar_cupy.arrays import accept, as_float32, check_finite, check_float, check_lengths, check_rank, same_kind
+from oscar_cupy.arrays import (
+    accept,
+    as_float32,
+    check_finite,
+    check_float,
+    check_lengths,
+    check_rank,
+    on_gpu,
+    same_kind,
+)
 from oscar_cupy.quantized_kv import KV_AXES, QuantizedKV, dequantized_rotated
 from oscar_cupy.rotation import rotate, unrotate
 
@@ -48,6 +57,11 @@ def decode_attention(q, qkv: QuantizedKV, window_k=None, window_v=None, lengths=
     if not isinstance(qkv, QuantizedKV):
         raise TypeError(f"qkv must be a QuantizedKV (from quantize_kv), got {type(qkv).__name__}")
     q_array, kind = accept(q, "q")
+    if on_gpu(q_array) or on_gpu(qkv.k_codes):
+        raise NotImplementedError(
+            "decode_attention runs on the CPU in this release; the fused CUDA decode kernel is not there yet: "
+            "pass CPU arrays and a QuantizedKV made from CPU arrays"
+        )
     check_float(q_array, "q")
     check_rank(q_array, "q", 4, Q_AXES)
     batch, q_heads, q_len, head_dim = q_array.shape

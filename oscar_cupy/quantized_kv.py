@@ -21,6 +21,7 @@ from oscar_cupy.arrays import (
     check_float,
     check_lengths,
     check_rank,
+    on_gpu,
     same_kind,
 )
 from oscar_cupy.config import QuantConfig
@@ -121,6 +122,21 @@ def quantize_kv(k, v, config: QuantConfig | None = None, lengths=None) -> Quanti
     config.check_head_dim(head_dim)
     lengths = check_lengths(lengths, "lengths", batch, tokens)
     capacity = layout.capacity(tokens, config)
+    if on_gpu(k_array):
+        from oscar_cupy import cuda_backend
+
+        with cuda_backend.launch_context(k_array.device.id, torch_stream=kind is Kind.TORCH):
+            arrays = cuda_backend.allocate(config, batch, kv_heads, capacity, head_dim)
+            cuda_backend.quantize_into(k_array, v_array, config, lengths, arrays)
+    else:
+        arrays = _quantize_cpu(k_array, v_array, config, lengths, capacity)
+    arrays.setdefault("norms", None)
+    return QuantizedKV(config=config, **arrays, lengths=lengths, num_tokens=tokens, dtype=k_array.dtype, kind=kind)
+
+
+def _quantize_cpu(k_array, v_array, config: QuantConfig, lengths: np.ndarray, capacity: int) -> dict:
+    """The packed arrays of numpy ``k_array``, ``v_array`` (the CPU reference)."""
+    tokens = k_array.shape[2]
     valid = np.arange(capacity)[None, :] < lengths[:, None]  # (B, T)
     check_finite(k_array, "k", valid[:, None, :tokens, None])
     check_finite(v_array, "v", valid[:, None, :tokens, None])
@@ -134,24 +150,12 @@ def quantize_kv(k, v, config: QuantConfig | None = None, lengths=None) -> Quanti
         values = rotate(values, config.rotation)
 
     scales_dtype = quantizer.scale_dtype(config.scale_dtype)
-    k_codes, k_scales, k_zeros = _quantize_keys(keys, valid, config, scales_dtype)
-    v_codes, v_scales, v_zeros = _quantize_values(values, valid, config, scales_dtype)
+    arrays = {}
+    arrays["k_codes"], arrays["k_scales"], arrays["k_zeros"] = _quantize_keys(keys, valid, config, scales_dtype)
+    arrays["v_codes"], arrays["v_scales"], arrays["v_zeros"] = _quantize_values(values, valid, config, scales_dtype)
     if norms is not None:
-        norms = np.where(valid[:, None, :], norms, np.float32(0))
-    return QuantizedKV(
-        config=config,
-        k_codes=k_codes,
-        k_scales=k_scales,
-        k_zeros=k_zeros,
-        v_codes=v_codes,
-        v_scales=v_scales,
-        v_zeros=v_zeros,
-        norms=norms,
-        lengths=lengths,
-        num_tokens=tokens,
-        dtype=k_array.dtype,
-        kind=kind,
-    )
+        arrays["norms"] = np.where(valid[:, None, :], norms, np.float32(0))
+    return arrays
 
 
 def dequantize_kv(qkv: QuantizedKV):
@@ -160,6 +164,12 @@ def dequantize_kv(qkv: QuantizedKV):
     Same dtype and array kind as the quantized inputs; tokens beyond a sequence's length are zero. For tests,
     debugging and evaluation: attention never needs this (see :func:`oscar_cupy.decode_attention`).
     """
+    if on_gpu(qkv.k_codes):
+        from oscar_cupy import cuda_backend
+
+        with cuda_backend.launch_context(qkv.k_codes.device.id, torch_stream=qkv.kind is Kind.TORCH):
+            keys, values = cuda_backend.dequantize(qkv, qkv.dtype)
+        return qkv.kind.wrap(keys), qkv.kind.wrap(values)
     keys, values = dequantized_rotated(qkv)
     if qkv.norms is not None:
         keys = keys * qkv.norms[..., None]

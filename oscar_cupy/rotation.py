@@ -2,15 +2,16 @@
 
 The CPU definition of the Hadamard transform, which the GPU kernels reproduce bit for bit, is
 :func:`oscar_cupy.cpu_kernels.fwht`: in float32, butterfly stages of stride 1, 2, 4, …, n/2 (``a, b -> a + b, a - b``),
-then one multiplication by ``float32(1 / sqrt(n))`` (a power of two, hence exact, when n is a power of four). The matrix is the natural-order (Sylvester) one,
-``H[i, j] = (-1) ** popcount(i & j) / sqrt(n)``: symmetric, orthogonal and its own inverse.
+then one multiplication by ``float32(1 / sqrt(n))`` (a power of two, hence exact, when n is a power of four). The matrix
+is the natural-order (Sylvester) one, ``H[i, j] = (-1) ** popcount(i & j) / sqrt(n)``: symmetric, orthogonal and its own
+inverse.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from oscar_cupy.arrays import accept, check_float
+from oscar_cupy.arrays import Kind, accept, check_float, on_gpu
 from oscar_cupy.cpu_kernels import fwht
 
 HADAMARD_SIZES = tuple(1 << p for p in range(4, 9))  # 16 … 256
@@ -34,8 +35,17 @@ def hadamard(x, axis: int = -1):
     check_float(array, "x")
     if not -array.ndim <= axis < array.ndim:
         raise ValueError(f"axis {axis} is out of range for x of shape {tuple(array.shape)}")
+    _check_size(array.shape[axis], "x's length along axis")
+    if on_gpu(array):
+        import cupy
+
+        from oscar_cupy import cuda_backend
+
+        with cuda_backend.launch_context(array.device.id, torch_stream=kind is Kind.TORCH):
+            rows = cupy.ascontiguousarray(cupy.moveaxis(array, axis, -1))
+            result = cupy.ascontiguousarray(cupy.moveaxis(cuda_backend.hadamard_last_axis(rows), -1, axis))
+        return kind.wrap(result)
     moved = np.moveaxis(array.astype(np.float32), axis, -1)
-    _check_size(moved.shape[-1], "x's length along axis")
     result = np.moveaxis(fwht(moved), -1, axis).astype(array.dtype)
     return kind.wrap(np.ascontiguousarray(result))
 

@@ -1,6 +1,5 @@
-import zlib
-
 import os
+import zlib
 
 import ml_dtypes
 import numpy as np

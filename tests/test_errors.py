@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import random_kv
 
 import oscar_cupy as oc
-from conftest import random_kv
 
 
 @pytest.fixture

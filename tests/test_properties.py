@@ -4,12 +4,12 @@
 """
 
 import numpy as np
+from checks import assert_matches_oracle, reference
+from conftest import DTYPES, random_kv
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import oscar_cupy as oc
-from checks import assert_matches_oracle, reference
-from conftest import DTYPES, random_kv
 
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -1,0 +1,104 @@
+"""Dump the real KV cache of SmolLM2-135M-Instruct on a Shakespeare passage, as test data for the quantizers.
+
+Tokenizes a passage that starts at the first paragraph break after the middle of --text (plain text, e.g. a
+Gutenberg play; starting mid-file skips any header), keeps its first --tokens tokens (no special tokens added),
+runs ONE bf16 forward pass on CPU with use_cache=True and saves, from the returned cache, for every layer:
+
+  keys    float32 (layers, 1, kv_heads, tokens, head_dim)  post-RoPE keys, exactly the bf16 values widened to float32
+  values  float32 (layers, 1, kv_heads, tokens, head_dim)  values, likewise
+  token_ids    int32 (tokens,)
+  layer_names  str (layers,)
+  metadata     str, JSON: model, transformers version, tokens, text file, character offset and span, ...
+
+with np.savez_compressed. Read it back with np.load(path) and json.loads(str(data["metadata"])).
+
+Run: python bench/dump_kv.py --model /tmp/smollm2/bf16 --text hamlet_gut.txt [--tokens 1024] [--out .assets/smollm2_kv.npz]
+(--model is a saved transformers folder, or a .gguf file, which is dequantized on load.)
+"""
+
+import argparse
+import json
+import pathlib
+
+import numpy as np
+import torch
+import transformers
+from packaging import version
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def load(model_path):
+    """Tokenizer and bf16 model from a folder or a .gguf file."""
+    path = pathlib.Path(model_path)
+    if path.suffix == ".gguf":
+        folder, extra = path.parent, {"gguf_file": path.name}
+    else:
+        folder, extra = path, {}
+    tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+    # bf16 at load, not .to(bfloat16) afterwards: that would also round RoPE's float32 inv_freq buffer to bf16.
+    dtype_arg = "dtype" if version.parse(transformers.__version__) >= version.parse("4.56") else "torch_dtype"
+    model = AutoModelForCausalLM.from_pretrained(folder, **{dtype_arg: torch.bfloat16}, **extra).eval()
+    return tokenizer, model
+
+
+def cache_layers(cache):
+    """(keys, values) per layer, for transformers 5.x (cache.layers) and 4.5x (cache.key_cache) DynamicCache."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="transformers model folder or .gguf file")
+    parser.add_argument("--text", required=True, help="plain-text file to take the passage from")
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--out", default=".assets/smollm2_kv.npz")
+    parser.add_argument("--model-name", default="SmolLM2-135M-Instruct", help="recorded in the metadata")
+    args = parser.parse_args()
+
+    text = pathlib.Path(args.text).read_text(encoding="utf-8")
+    offset = text.index("\n\n", len(text) // 2) + 2
+    tokenizer, model = load(args.model)
+    encoding = tokenizer(text[offset:], add_special_tokens=False, return_offsets_mapping=True)
+    if len(encoding["input_ids"]) < args.tokens:
+        raise SystemExit(f"only {len(encoding['input_ids'])} tokens after offset {offset}, need {args.tokens}")
+    token_ids = encoding["input_ids"][: args.tokens]
+    span = encoding["offset_mapping"][args.tokens - 1][1]
+
+    with torch.inference_mode():
+        output = model(torch.tensor([token_ids]), use_cache=True)
+    layers = cache_layers(output.past_key_values)
+    keys = torch.stack([k for k, _ in layers]).float().numpy()  # bf16 -> float32 is exact
+    values = torch.stack([v for _, v in layers]).float().numpy()
+
+    metadata = {
+        "model": args.model_name,
+        "model_path": str(args.model),
+        "dtype": "bfloat16 (stored as exact float32)",
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "tokens": args.tokens,
+        "special_tokens_added": False,
+        "text_file": pathlib.Path(args.text).name,
+        "char_offset": offset,
+        "char_span": span,
+        "keys": "post-RoPE, (layers, batch, kv_heads, tokens, head_dim)",
+        "rope_parameters": getattr(model.config, "rope_parameters", None),
+    }
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        out,
+        keys=keys,
+        values=values,
+        token_ids=np.array(token_ids, dtype=np.int32),
+        layer_names=np.array([f"model.layers.{i}.self_attn" for i in range(len(layers))]),
+        metadata=np.array(json.dumps(metadata)),
+    )
+    print(f"{out}: keys {keys.shape}, values {values.shape}, {out.stat().st_size / 1e6:.1f} MB, "
+          f"text chars {offset}..{offset + span} of {metadata['text_file']}")
+
+
+if __name__ == "__main__":
+    main()

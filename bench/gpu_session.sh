@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One device-machine session: install the carried wheels, check the kernels, run the whole test suite (GPU tests
+# included) and the write-path benchmark. Logs and results go to $OUT (default ./gpu-out).
+#   carried: .whl/ (oscar_cupy's wheel from `pip wheel --no-deps -w .whl .` plus pytest/hypothesis wheels)
+#            .assets/smollm2_kv.npz (real K/V, from bench/dump_kv.py)
+set -uo pipefail
+OUT=${OUT:-./gpu-out}
+mkdir -p "$OUT"
+rm -rf /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+OUT=$(realpath "$OUT")
+cli() { (cd /tmp && python3 -m oscar_cupy "$@"); }  # not from the checkout, whose oscar_cupy/ lacks the mapped parts
+cli info 2>&1 | tee "$OUT/info.log"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee -a "$OUT/info.log"
+arch=$(python3 -c "import cupy; print('sm_' + cupy.cuda.Device(0).compute_capability)")
+cli check-kernels --arch "$arch" --resources > "$OUT/check_kernels.log" 2>&1; echo "check-kernels rc=$?"
+tail -1 "$OUT/check_kernels.log"
+python3 /tmp/site/bin/pytest -p no:cacheprovider -q -ra tests --junitxml="$OUT/junit.xml" > "$OUT/tests.log" 2>&1
+echo "pytest rc=$?"; tail -15 "$OUT/tests.log"
+python3 bench/quantize.py --out "$OUT" > "$OUT/bench_quantize.log" 2>&1; echo "bench rc=$?"
+tail -30 "$OUT/bench_quantize.log"

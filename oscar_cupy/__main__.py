@@ -1,0 +1,5 @@
+import sys
+
+from oscar_cupy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,114 @@
+"""The command line: ``oscar-cupy <command>`` or ``python -m oscar_cupy <command>``.
+
+- ``check-kernels [--arch sm_80,sm_90] [--jobs N] [--resources]``: compile every kernel variant the library can launch
+  with NVRTC (no GPU needed); exit status 1 if any fails.
+- ``info``: versions, NVRTC, GPUs and the kernel cache folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import platform
+import re
+import sys
+import time
+
+import numpy as np
+
+import oscar_cupy
+from oscar_cupy import kernels, nvrtc
+
+
+def check_kernels(args) -> int:
+    archs = [arch.strip() for arch in args.arch.split(",") if arch.strip()]
+    supported = {f"sm_{cc}" for cc in nvrtc.supported_archs()}
+    unknown = [arch for arch in archs if arch not in supported]
+    if unknown:
+        print(f"error: NVRTC {'.'.join(map(str, nvrtc.version()))} cannot compile for {unknown}; "
+              f"it supports {sorted(supported)}", file=sys.stderr)
+        return 2
+    jobs = [(variant, arch) for arch in archs for variant in kernels.all_variants()]
+    print(f"compiling {len(jobs)} kernel modules with NVRTC {'.'.join(map(str, nvrtc.version()))} for {archs}")
+    start = time.perf_counter()
+    failures = 0
+    extra = ["--ptxas-options=-v"] if args.resources else []
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        results = pool.map(lambda job: _compile(*job, extra), jobs)
+        for (variant, arch), (error, log) in zip(jobs, results):
+            if error:
+                failures += 1
+                print(f"FAILED {variant.describe()} {arch}\n{error}", file=sys.stderr)
+            elif args.resources:
+                print(f"{variant.describe()} {arch}: {_resources(log)}")
+    print(f"{len(jobs) - failures} of {len(jobs)} compiled in {time.perf_counter() - start:.1f} s")
+    return 1 if failures else 0
+
+
+def _compile(variant, arch, extra):
+    try:
+        if extra:  # resource reports come from a fresh compile, not the cache
+            from oscar_cupy.raw_kernels import read_source
+
+            _, log = nvrtc.compile_cubin(variant.source(), f"{variant.module}.cu", variant.options(arch) + extra,
+                                         {"common.cuh": read_source("common.cuh")})
+        else:
+            _, log = kernels.compile_variant(variant, arch)
+        return None, log
+    except Exception as error:  # reported per variant, the run goes on
+        return error, ""
+
+
+def _resources(log: str) -> str:
+    """``name: N registers, S B spilled`` for each entry function in a ptxas ``-v`` log."""
+    reports = []
+    for section in log.split("Compiling entry function ")[1:]:
+        name = section.split("'")[1]
+        spills = re.search(r"(\d+) bytes spill stores", section)
+        registers = re.search(r"Used (\d+) registers", section)
+        reports.append(f"{name}: {registers.group(1) if registers else '?'} registers, "
+                       f"{spills.group(1) if spills else '?'} B spilled")
+    return ", ".join(reports)
+
+
+def info(args) -> int:
+    print(f"oscar_cupy {oscar_cupy.__version__} ({oscar_cupy.__file__})")
+    print(f"python {platform.python_version()}, numpy {np.__version__}")
+    try:
+        print(f"NVRTC {'.'.join(map(str, nvrtc.version()))}: {nvrtc.library()._name}")
+    except nvrtc.NVRTCNotFound as error:
+        print(f"NVRTC: not found ({str(error).splitlines()[0]})")
+    try:
+        import cupy
+
+        print(f"cupy {cupy.__version__}")
+        for device in range(cupy.cuda.runtime.getDeviceCount()):
+            properties = cupy.cuda.runtime.getDeviceProperties(device)
+            print(f"  GPU {device}: {properties['name'].decode()}, sm_{properties['major']}{properties['minor']}, "
+                  f"{properties['multiProcessorCount']} SMs, {properties['totalGlobalMem'] / 2**30:.0f} GiB")
+    except Exception as error:  # no cupy or no GPU: say so and go on
+        print(f"GPU: none usable ({type(error).__name__}: {error})")
+    print(f"kernel cache: {kernels.cache_dir()}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="oscar-cupy", description="INT2/INT4 KV caches with the OScaR method.")
+    commands = root.add_subparsers(dest="command", metavar="command")
+    check = commands.add_parser("check-kernels", help="compile every kernel variant with NVRTC (no GPU needed)")
+    check.add_argument("--arch", default="sm_80,sm_90", help="comma-separated GPU architectures (default sm_80,sm_90)")
+    check.add_argument("--jobs", type=int, default=4, help="parallel compilations (default 4)")
+    check.add_argument("--resources", action="store_true", help="print registers and spills of every kernel")
+    check.set_defaults(run=check_kernels)
+    commands.add_parser("info", help="versions, NVRTC, GPUs and the kernel cache").set_defaults(run=info)
+    return root
+
+
+def main(argv=None) -> int:
+    arguments = parser().parse_args(argv)
+    if arguments.command is None:
+        parser().print_help()
+        return 0
+    if getattr(arguments, "jobs", 1) < 1:
+        parser().error("--jobs must be at least 1")
+    return arguments.run(arguments)

@@ -1,0 +1,192 @@
+"""The CUDA backend of the write path: launches the kernels of ``raw_kernels/`` on cupy arrays.
+
+Every launch goes to the device that holds the inputs and onto the current stream of that device (for torch tensors,
+torch's current stream: see :func:`launch_context`). Results equal the CPU reference's bit for bit (see
+``raw_kernels/common.cuh``), except token norms, whose float64 sums may round differently once in ~1e15 cases, and
+user-given rotation matrices, applied with a float64 matrix product whose summation order differs from numpy's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import cupy
+import numpy as np
+
+from oscar_cupy import kernels, layout
+from oscar_cupy.config import QuantConfig
+
+THREADS = 256
+STATIC_SHARED_LIMIT = 48 * 1024  # dynamic shared memory beyond this needs the function attribute raised
+VALUE_TILE = 32  # tokens per block of quantize_values
+SCALINGS = {"none": 0, "l2": 1, "l2_per_head": 2}
+DTYPE_NAMES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}
+
+
+@contextlib.contextmanager
+def launch_context(device_id: int, torch_stream: bool):
+    """Make ``device_id`` current and, for torch callers, torch's current stream on it cupy's current stream."""
+    with cupy.cuda.Device(device_id):
+        if not torch_stream:
+            yield
+            return
+        import torch
+
+        stream = torch.cuda.current_stream(device_id)
+        with cupy.cuda.ExternalStream(stream.cuda_stream, device_id):
+            yield
+
+
+def dtype_name(dtype) -> str:
+    """Kernel dtype name of an array dtype (bfloat16 is ``ml_dtypes.bfloat16``, as in numpy)."""
+    dtype = np.dtype(dtype)
+    if dtype in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype]
+    if dtype.name == "bfloat16":
+        return "bfloat16"
+    raise TypeError(f"dtype {dtype} has no CUDA kernels")
+
+
+def hadamard_normalization(head_dim: int) -> np.float32:
+    """The float32 normalization of the CPU definition, ``float32(1 / sqrt(n))``."""
+    return np.float32(1.0 / np.sqrt(head_dim))
+
+
+def _rows_view(x):
+    """``(x or a contiguous copy with unit channel stride, element strides of its first three axes)``."""
+    if x.strides[3] != x.itemsize:
+        x = cupy.ascontiguousarray(x)
+    return x, [np.int64(stride // x.itemsize) for stride in x.strides[:3]]
+
+
+def _rotated_by_matrix(x, rotation):
+    """float32 ``R @ x`` along the last axis (a float64 product rounded once, as the CPU's ``rotate``)."""
+    return (x.astype(cupy.float64) @ cupy.asarray(rotation.T)).astype(cupy.float32)
+
+
+def allocate(config: QuantConfig, batch: int, kv_heads: int, capacity: int, head_dim: int) -> dict:
+    """Uninitialized device arrays of the packed layout (:func:`oscar_cupy.layout.array_specs`)."""
+    specs = layout.array_specs(config, batch, kv_heads, capacity, head_dim)
+    return {name: cupy.empty(shape, dtype=dtype) for name, (shape, dtype) in specs.items()}
+
+
+def quantize_into(k, v, config: QuantConfig, lengths: np.ndarray, out: dict) -> None:
+    """Quantize cupy ``k``, ``v`` ``(B, Hk, T, D)`` into the device arrays ``out`` (from :func:`allocate`).
+
+    Raises ``ValueError`` naming ``k`` or ``v`` when a valid element is NaN or Inf, or when a group exceeds the range
+    of the scale dtype (the CPU reference's policy); checking costs one host synchronization.
+    """
+    raise_refusals(launch_quantize(k, v, config, cupy.asarray(lengths, dtype=cupy.int64), out), config)
+
+
+def launch_quantize(k, v, config: QuantConfig, lengths, out: dict):
+    """Enqueue the quantization of ``k``, ``v`` into ``out`` (``lengths``: int64 device array) on the current stream,
+    without synchronizing; returns the device flags that :func:`raise_refusals` reads."""
+    batch, heads, _, head_dim = k.shape
+    capacity = out["k_codes"].shape[2]
+    refused = cupy.zeros(1, dtype=cupy.int32)
+    if capacity == 0:
+        return refused
+    rotate = config.rotates
+    if isinstance(config.rotation, np.ndarray):
+        k = _rotated_by_matrix(k, config.rotation)
+        v = _rotated_by_matrix(v, config.rotation) if config.rotate_values else v
+        rotate = False
+    norm = hadamard_normalization(head_dim)
+
+    k, k_strides = _rows_view(k)
+    variant = kernels.quantize_variant(head_dim, config.bits, dtype_name(k.dtype), config.scale_dtype)
+    function = kernels.function(variant, "quantize_keys", k.device.id)
+    groups = capacity // config.key_group
+    shared = config.key_group * (head_dim + 1) * 4 + config.key_group * 4 + config.key_group * head_dim
+    if shared > STATIC_SHARED_LIMIT:
+        cupy.cuda.driver.funcSetAttribute(
+            function.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared
+        )
+    norms = out.get("norms")
+    function(
+        (groups, batch), (THREADS,),
+        (k, *k_strides, lengths, np.int32(heads), np.int32(groups), np.int32(config.key_group),
+         np.int32(rotate), np.int32(SCALINGS[config.token_scaling]), norm,
+         out["k_codes"], out["k_scales"], out["k_zeros"], norms if norms is not None else np.uint64(0), refused),
+        shared_mem=shared,
+    )
+
+    v, v_strides = _rows_view(v)
+    variant = kernels.quantize_variant(head_dim, config.bits, dtype_name(v.dtype), config.scale_dtype)
+    function = kernels.function(variant, "quantize_values", v.device.id)
+    function(
+        (capacity // VALUE_TILE, batch * heads), (THREADS,),
+        (v, *v_strides, lengths, np.int32(heads), np.int32(capacity), np.int32(config.value_group),
+         np.int32(rotate and config.rotate_values), norm,
+         out["v_codes"], out["v_scales"], out["v_zeros"], refused),
+    )
+    return refused
+
+
+def raise_refusals(refused, config: QuantConfig) -> None:
+    """Raise what the kernels refused (flags from :func:`launch_quantize`); synchronizes with the device."""
+    flags = int(refused.get()[0])
+    for bit, name in ((1, "k"), (2, "v")):
+        if flags & bit:
+            raise ValueError(f"{name} contains NaN or Inf; non-finite keys, values and queries are refused")
+    for bit, name, after in ((4, "k", " after rotation and token scaling"), (8, "v", " after rotation")):
+        if flags & bit:
+            raise ValueError(
+                f"{name} holds values beyond the range of scale_dtype {config.scale_dtype}{after}; "
+                "use QuantConfig(scale_dtype='bfloat16') or 'float32'"
+            )
+
+
+def dequantize(qkv, dtype):
+    """cupy ``(keys, values)`` ``(B, Hk, num_tokens, D)`` of ``dtype`` in the caller's basis (``dequantize_kv``)."""
+    config = qkv.config
+    batch, heads, capacity, head_dim = qkv.batch, qkv.kv_heads, qkv.capacity, qkv.head_dim
+    tokens = qkv.num_tokens
+    matrix = config.rotation if isinstance(config.rotation, np.ndarray) else None
+    kernel_dtype = "float32" if matrix is not None else dtype_name(dtype)
+    variant = kernels.dequantize_variant(head_dim, config.bits, kernel_dtype, config.scale_dtype)
+    device_id = qkv.k_codes.device.id
+    lengths = cupy.asarray(qkv.lengths, dtype=cupy.int64)
+    grid = (max(1, -(-tokens // (THREADS // 32))), batch * heads)
+    norm = hadamard_normalization(head_dim)
+    out_dtype = np.float32 if matrix is not None else dtype
+    keys = cupy.empty((batch, heads, tokens, head_dim), dtype=out_dtype)
+    values = cupy.empty((batch, heads, tokens, head_dim), dtype=out_dtype)
+    if tokens:
+        norms = qkv.norms
+        kernels.function(variant, "dequantize_keys", device_id)(
+            grid, (THREADS,),
+            (qkv.k_codes, qkv.k_scales, qkv.k_zeros, norms if norms is not None else np.uint64(0),
+             np.int32(0 if norms is None else norms.shape[1]), lengths, np.int32(heads), np.int32(capacity),
+             np.int32(tokens), np.int32(config.key_group), np.int32(config.rotates and matrix is None), norm, keys),
+        )
+        kernels.function(variant, "dequantize_values", device_id)(
+            grid, (THREADS,),
+            (qkv.v_codes, qkv.v_scales, qkv.v_zeros, lengths, np.int32(heads), np.int32(capacity), np.int32(tokens),
+             np.int32(config.value_group), np.int32(config.rotates and config.rotate_values and matrix is None),
+             norm, values),
+        )
+    if matrix is not None:
+        keys = _unrotated_by_matrix(keys, matrix)
+        if config.rotate_values:
+            values = _unrotated_by_matrix(values, matrix)
+        return keys.astype(dtype), values.astype(dtype)
+    return keys, values
+
+
+def _unrotated_by_matrix(x, rotation):
+    return (x.astype(cupy.float64) @ cupy.asarray(rotation)).astype(cupy.float32)
+
+
+def hadamard_last_axis(x):
+    """The Hadamard transform of contiguous cupy ``x`` along its last axis, as a new array of the same dtype."""
+    size = x.shape[-1]
+    rows = x.size // size if size else 0
+    out = cupy.empty_like(x)
+    if rows:
+        function = kernels.function(kernels.rotate_variant(size, dtype_name(x.dtype)), "hadamard_rows", x.device.id)
+        lanes = min(32, size)
+        rows_per_block = (THREADS // 32) * (32 // lanes)
+        function((-(-rows // rows_per_block),), (THREADS,), (x, out, np.int64(rows), hadamard_normalization(size)))
+    return out

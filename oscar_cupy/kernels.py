@@ -1,0 +1,123 @@
+"""The one kernel loader: compile a ``.cu`` module of ``raw_kernels/`` for a set of compile-time parameters with NVRTC,
+cache the cubin on disk, load it with CuPy and hand out its functions.
+
+A :class:`Variant` names a module and its parameters (``HEAD_DIM``, ``BITS``, dtypes, ...), which become ``-D`` defines.
+Compiled cubins are cached in ``$OSCAR_CUPY_CACHE_DIR`` (default ``~/.cache/oscar_cupy/kernels``) under a key made of
+the sources, the options, the NVRTC version and the GPU architecture, so a second process starts warm; files are written
+to a temporary name and renamed, so processes that compile at once never see a partial file. Loaded modules are kept per
+(variant, device) in memory behind a lock, so threads that ask at once compile once.
+
+``python -m oscar_cupy check-kernels --arch sm_80,sm_90`` compiles every variant the library can launch, with no GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import os
+import pathlib
+import tempfile
+import threading
+
+from oscar_cupy import nvrtc
+from oscar_cupy.config import BITS, HEAD_DIMS, SCALE_DTYPES
+from oscar_cupy.raw_kernels import read_source
+
+DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
+OPTIONS = ("-std=c++17", "--fmad=false", "-default-device")
+HADAMARD_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One compiled form of a kernel module: ``module`` (file name without ``.cu``) and its ``-D`` parameters."""
+
+    module: str
+    params: tuple  # sorted (name, value) pairs
+
+    @classmethod
+    def of(cls, module: str, **params) -> "Variant":
+        return cls(module, tuple(sorted(params.items())))
+
+    def describe(self) -> str:
+        return f"{self.module}({', '.join(f'{k}={v}' for k, v in self.params)})"
+
+    def source(self) -> str:
+        return read_source(f"{self.module}.cu")
+
+    def options(self, arch: str) -> list[str]:
+        defines = [f"-D{name}={DTYPE_CODES.get(value, value)}" for name, value in self.params]
+        return [*OPTIONS, f"--gpu-architecture={arch}", *defines]
+
+
+def quantize_variant(head_dim: int, bits: int, in_dtype: str, scale_dtype: str) -> Variant:
+    return Variant.of("quantize", HEAD_DIM=head_dim, BITS=bits, IN_DTYPE=in_dtype, SCALE_DTYPE=scale_dtype)
+
+
+def dequantize_variant(head_dim: int, bits: int, out_dtype: str, scale_dtype: str) -> Variant:
+    return Variant.of("dequantize", HEAD_DIM=head_dim, BITS=bits, IN_DTYPE=out_dtype, SCALE_DTYPE=scale_dtype)
+
+
+def rotate_variant(size: int, dtype: str) -> Variant:
+    return Variant.of("rotate", HEAD_DIM=size, IN_DTYPE=dtype)
+
+
+def all_variants() -> list[Variant]:
+    """Every variant the library can launch."""
+    dtypes = list(DTYPE_CODES)
+    variants = []
+    for head_dim, bits, dtype, scale in itertools.product(HEAD_DIMS, BITS, dtypes, SCALE_DTYPES):
+        variants += [quantize_variant(head_dim, bits, dtype, scale), dequantize_variant(head_dim, bits, dtype, scale)]
+    variants += [rotate_variant(size, dtype) for size in HADAMARD_SIZES for dtype in dtypes]
+    return variants
+
+
+def cache_dir() -> pathlib.Path:
+    default = pathlib.Path.home() / ".cache" / "oscar_cupy" / "kernels"
+    return pathlib.Path(os.environ.get("OSCAR_CUPY_CACHE_DIR", default))
+
+
+def compile_variant(variant: Variant, arch: str) -> tuple[bytes, str]:
+    """``(cubin, log)`` of ``variant`` for ``arch`` (``"sm_90"``), from the disk cache when it is there.
+
+    Raises :class:`oscar_cupy.nvrtc.CompileError` naming the variant, with NVRTC's log.
+    """
+    source = variant.source()
+    headers = {"common.cuh": read_source("common.cuh")}
+    options = variant.options(arch)
+    key = hashlib.sha256(
+        "\0".join([source, *headers.values(), *options, "nvrtc %d.%d" % nvrtc.version()]).encode()
+    ).hexdigest()
+    path = cache_dir() / f"{variant.module}-{arch}-{key[:32]}.cubin"
+    if path.exists():
+        return path.read_bytes(), ""
+    try:
+        cubin, log = nvrtc.compile_cubin(source, f"{variant.module}.cu", options, headers)
+    except nvrtc.CompileError as error:
+        raise nvrtc.CompileError(f"kernel {variant.describe()} for {arch} failed to compile:\n{error}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as partial:
+        partial.write(cubin)
+    os.replace(partial.name, path)  # atomic: concurrent writers leave one complete file
+    return cubin, log
+
+
+_modules: dict = {}
+_lock = threading.Lock()
+
+
+def function(variant: Variant, name: str, device_id: int):
+    """The CuPy function ``name`` of ``variant`` compiled for, and loaded on, device ``device_id``."""
+    import cupy
+
+    key = (variant, device_id)
+    with _lock:
+        module = _modules.get(key)
+        if module is None:
+            with cupy.cuda.Device(device_id):
+                cubin, _ = compile_variant(variant, f"sm_{cupy.cuda.Device(device_id).compute_capability}")
+                module = cupy.cuda.function.Module()
+                module.load(cubin)
+            _modules[key] = module
+    return module.get_function(name)

@@ -1,0 +1,166 @@
+// Shared device code of the write path: element conversions, directed rounding, the scalar quantizer, the warp
+// Hadamard transform and the packed bit order. Every function reproduces, operation for operation, the CPU definition
+// it names (oscar_cupy/quantizer.py, oscar_cupy/cpu_kernels.py, oscar_cupy/layout.py), so results match bit for bit.
+// Modules are compiled with --fmad=false: no multiply-add is contracted behind the definition's back.
+//
+// Compile-time parameters (-D): HEAD_DIM (16..256), IN_DTYPE and SCALE_DTYPE (0 float16, 1 bfloat16, 2 float32),
+// BITS (2 or 4) where codes are involved.
+#pragma once
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+
+#define WARP 32
+#define DTYPE_F16 0
+#define DTYPE_BF16 1
+#define DTYPE_F32 2
+
+// ---------------------------------------------------------------------------------------------------------------
+// 16-bit floats as raw bits (no CUDA headers needed)
+
+__device__ __forceinline__ float f16_to_f32(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ u16 f32_to_f16(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+__device__ __forceinline__ u16 f32_to_bf16(float f) { u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+
+// the next 16-bit float (float16 or bfloat16 bits alike) toward +inf / -inf, as numpy's nextafter
+__device__ __forceinline__ u16 half_bits_up(u16 h) { return h == 0x8000 ? (u16)0x0001 : ((h & 0x8000) ? h - 1 : h + 1); }
+__device__ __forceinline__ u16 half_bits_down(u16 h) { return h == 0x0000 ? (u16)0x8001 : ((h & 0x8000) ? h + 1 : h - 1); }
+
+// ---------------------------------------------------------------------------------------------------------------
+// the caller's element type
+
+#if IN_DTYPE == DTYPE_F32
+typedef float in_t;
+__device__ __forceinline__ float in_to_f32(in_t x) { return x; }
+__device__ __forceinline__ in_t f32_to_in(float x) { return x; }
+#else
+typedef u16 in_t;
+#if IN_DTYPE == DTYPE_F16
+__device__ __forceinline__ float in_to_f32(in_t x) { return f16_to_f32(x); }
+__device__ __forceinline__ in_t f32_to_in(float x) { return f32_to_f16(x); }
+#else
+__device__ __forceinline__ float in_to_f32(in_t x) { return bf16_to_f32(x); }
+__device__ __forceinline__ in_t f32_to_in(float x) { return f32_to_bf16(x); }
+#endif
+#endif
+
+// ---------------------------------------------------------------------------------------------------------------
+// scale dtype and directed rounding (quantizer.round_down / round_up: the nearest value on the required side)
+
+#ifdef SCALE_DTYPE
+#if SCALE_DTYPE == DTYPE_F32
+#define SCALE_MAX 3.40282347e38f
+typedef float scale_t;
+__device__ __forceinline__ float scale_to_f32(scale_t s) { return s; }
+__device__ __forceinline__ scale_t scale_round_down(float x) { return x; }
+__device__ __forceinline__ scale_t scale_round_up(double x) {  // x >= 0
+    float c = (float)x;
+    return (double)c < x ? __uint_as_float(__float_as_uint(c) + 1u) : c;
+}
+#else
+typedef u16 scale_t;
+#if SCALE_DTYPE == DTYPE_F16
+#define SCALE_MAX 65504.f
+__device__ __forceinline__ float scale_to_f32(scale_t s) { return f16_to_f32(s); }
+__device__ __forceinline__ scale_t scale_nearest(float x) { return f32_to_f16(x); }
+#else
+#define SCALE_MAX 3.38953139e38f
+__device__ __forceinline__ float scale_to_f32(scale_t s) { return bf16_to_f32(s); }
+__device__ __forceinline__ scale_t scale_nearest(float x) { return f32_to_bf16(x); }
+#endif
+__device__ __forceinline__ scale_t scale_round_down(float x) {
+    scale_t c = scale_nearest(x);
+    while (scale_to_f32(c) > x) c = half_bits_down(c);
+    return c;
+}
+__device__ __forceinline__ scale_t scale_round_up(double x) {
+    scale_t c = scale_nearest((float)x);  // within a step of the answer; the loops settle on the smallest value >= x
+    while ((double)scale_to_f32(c) < x) c = half_bits_up(c);
+    while ((double)scale_to_f32(half_bits_down(c)) >= x) c = half_bits_down(c);
+    return c;
+}
+#endif
+
+#define LEVELS ((1 << BITS) - 1)
+
+// quantizer.check_range: a group whose extremes exceed the scale dtype's finite range is refused
+__device__ __forceinline__ bool out_of_range(float minimum, float maximum) {
+    return fabsf(minimum) > SCALE_MAX || fabsf(maximum) > SCALE_MAX;
+}
+
+// quantizer.group_params + inverse_scale: parameters of a group with float32 extremes (valid: it has an element)
+struct GroupParams {
+    scale_t scale, zero;
+    float zero_f32, inverse;
+};
+
+__device__ __forceinline__ GroupParams group_params(float minimum, float maximum, bool valid) {
+    GroupParams p;
+    if (!valid) { minimum = 0.f; maximum = 0.f; }
+    p.zero = scale_round_down(minimum);
+    p.zero_f32 = scale_to_f32(p.zero);
+    p.scale = scale_round_up(((double)maximum - (double)p.zero_f32) / (double)LEVELS);
+    const float scale = scale_to_f32(p.scale);
+    p.inverse = scale > 0.f ? 1.0f / scale : 0.f;
+    return p;
+}
+
+// quantizer.encode: clamp(rint((x - zero) * inverse), 0, L)
+__device__ __forceinline__ u32 encode(float x, float zero, float inverse) {
+    const float scaled = __fmul_rn(__fsub_rn(x, zero), inverse);
+    return (u32)fminf(fmaxf(rintf(scaled), 0.f), (float)LEVELS);
+}
+
+// quantizer.decode: float32(code * scale) + zero
+__device__ __forceinline__ float decode(u32 code, float scale, float zero) {
+    return __fadd_rn(__fmul_rn((float)code, scale), zero);
+}
+#endif  // SCALE_DTYPE
+
+// ---------------------------------------------------------------------------------------------------------------
+// packed bit order (layout.slot_of_element): element e of a word sits in slot e / 2 + (E / 2) * (e % 2)
+
+#ifdef BITS
+#define PER_WORD (32 / BITS)
+__device__ __forceinline__ int slot_of(int element) { return (element >> 1) + (PER_WORD / 2) * (element & 1); }
+#endif
+
+// ---------------------------------------------------------------------------------------------------------------
+// the normalized Walsh-Hadamard transform of one row of N elements held by N / PER consecutive lanes, PER
+// consecutive elements each (cpu_kernels.fwht): float32 butterflies of stride 1, 2, 4, ..., then one multiplication
+
+template <int N, int PER>
+__device__ __forceinline__ void fwht_row(float (&x)[PER], int lane, float normalization) {
+#pragma unroll
+    for (int stride = 1; stride < PER; stride *= 2) {
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            if ((j & stride) == 0) {
+                const float low = x[j], high = x[j + stride];
+                x[j] = low + high;
+                x[j + stride] = low - high;
+            }
+        }
+    }
+#pragma unroll
+    for (int stride = PER; stride < N; stride *= 2) {
+        const int lane_bit = stride / PER;
+        const bool high_half = (lane & lane_bit) != 0;
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            const float partner = __shfl_xor_sync(0xffffffffu, x[j], lane_bit);
+            x[j] = high_half ? partner - x[j] : x[j] + partner;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < PER; ++j) x[j] = x[j] * normalization;
+}
+
+__device__ __forceinline__ double warp_sum(double value) {
+#pragma unroll
+    for (int offset = WARP / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+    return value;
+}

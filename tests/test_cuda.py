@@ -1,0 +1,192 @@
+"""The CUDA write path against the CPU reference: identical codes, scales, zeros and norms, every output written.
+
+Skipped without cupy and a GPU; run on the device machine (see bench/results/cuda_tests.md).
+"""
+
+import itertools
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import random_kv
+
+import oscar_cupy as oc
+
+cupy = pytest.importorskip("cupy")
+try:
+    GPUS = cupy.cuda.runtime.getDeviceCount()
+except cupy.cuda.runtime.CUDARuntimeError:
+    GPUS = 0
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPUS == 0, reason="no CUDA GPU")]
+
+from oscar_cupy import cuda_backend, layout  # noqa: E402  (needs cupy)
+
+REAL_KV = os.environ.get("OSCAR_REAL_KV", ".assets/smollm2_kv.npz")
+
+
+def poisoned(arrays: dict) -> dict:
+    """The same arrays, every byte set to 0xFF (NaN for floats, all ones for codes)."""
+    for array in arrays.values():
+        array.view(cupy.uint8).fill(0xFF)
+    return arrays
+
+
+def poison_memory_pool():
+    """Fill and release a large block so that the next allocations start as 0xFF bytes."""
+    block = cupy.empty(1 << 28, dtype=cupy.uint8)
+    block.fill(0xFF)
+    del block
+
+
+def gpu_quantize(k, v, config, lengths):
+    """Quantize numpy k, v on the GPU into poisoned outputs; numpy results."""
+    batch, heads, tokens, head_dim = k.shape
+    capacity = layout.capacity(tokens, config)
+    out = poisoned(cuda_backend.allocate(config, batch, heads, capacity, head_dim))
+    cuda_backend.quantize_into(cupy.asarray(k), cupy.asarray(v), config, np.asarray(lengths, np.int64), out)
+    return {name: cupy.asnumpy(array) for name, array in out.items()}
+
+
+def assert_same_as_cpu(k, v, config, lengths):
+    cpu = oc.quantize_kv(k, v, config, lengths=lengths).arrays()
+    gpu = gpu_quantize(k, v, config, lengths)
+    assert set(gpu) == set(cpu)
+    for name in cpu:
+        assert gpu[name].dtype == cpu[name].dtype and gpu[name].shape == cpu[name].shape, name
+        np.testing.assert_array_equal(gpu[name].view(np.uint8), cpu[name].view(np.uint8), err_msg=name)
+
+
+DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32]
+CONFIGS = [
+    oc.QuantConfig(),
+    oc.QuantConfig(bits=4),
+    oc.QuantConfig(key_group=64, value_group=64, token_scaling="l2_per_head", scale_dtype="bfloat16"),
+    oc.QuantConfig(bits=4, key_group=128, value_group=32, scale_dtype="float32"),
+    oc.QuantConfig.preset("kivi-2"),
+    oc.QuantConfig.preset("hadamard-only-4", rotate_values=False),
+    oc.QuantConfig.preset("scaling-only-2", value_group=64),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.bits}b-g{c.key_group}-{c.token_scaling}-{c.rotation}")
+def test_quantize_equals_cpu(rng, dtype, head_dim, config):
+    if config.value_group > head_dim:
+        pytest.skip("value group wider than the head")
+    k, v = random_kv(rng, batch=3, kv_heads=3, tokens=300, head_dim=head_dim, dtype=dtype)
+    assert_same_as_cpu(k, v, config, [300, 173, 1])
+
+
+def test_custom_rotation_matrix_matches_cpu_closely(rng):
+    rotation = np.linalg.qr(rng.standard_normal((128, 128)))[0]
+    config = oc.QuantConfig(rotation=rotation)
+    k, v = random_kv(rng, batch=2, tokens=96, head_dim=128)
+    cpu = oc.quantize_kv(k, v, config)
+    gpu = oc.quantize_kv(cupy.asarray(k), cupy.asarray(v), config)
+    # a float64 product summed in another order: codes may move by one step at rounding ties
+    for name in ("k_codes", "v_codes"):
+        unpack = layout.unpack_key_codes if name == "k_codes" else layout.unpack_value_codes
+        differ = np.abs(unpack(cupy.asnumpy(getattr(gpu, name)), 2).astype(int) - unpack(getattr(cpu, name), 2))
+        assert differ.max() <= 1 and differ.mean() < 1e-3
+    keys, values = gpu.dequantize()
+    np.testing.assert_allclose(cupy.asnumpy(keys), cpu.dequantize()[0], rtol=1e-4, atol=1e-4)
+
+
+def test_every_length_and_group_edge(rng):
+    """Lengths around group and tile edges, empty sequences, one token."""
+    k, v = random_kv(rng, batch=8, kv_heads=2, tokens=130, head_dim=64, dtype=ml_dtypes.bfloat16)
+    for config in (oc.QuantConfig(), oc.QuantConfig(bits=4, key_group=128)):
+        assert_same_as_cpu(k, v, config, [130, 129, 128, 97, 33, 32, 1, 0])
+
+
+def test_real_model_kv():
+    if not os.path.exists(REAL_KV):
+        pytest.skip(f"{REAL_KV} not found (make it with bench/dump_kv.py)")
+    dump = np.load(REAL_KV)
+    keys, values = dump["keys"], dump["values"]  # (layers, 1, kv_heads, tokens, head_dim)
+    for layer in range(keys.shape[0]):
+        k, v = keys[layer].astype(ml_dtypes.bfloat16), values[layer].astype(ml_dtypes.bfloat16)
+        assert_same_as_cpu(k, v, oc.QuantConfig(), [k.shape[2]])
+        assert_same_as_cpu(k, v, oc.QuantConfig(bits=4), [k.shape[2] - 5])
+
+
+def test_strided_inputs_as_transformers_hands_them(rng):
+    """(B, T, H, D) storage viewed as (B, H, T, D): token stride H * D."""
+    k, v = random_kv(rng, batch=2, kv_heads=4, tokens=64, head_dim=128, dtype=np.float16)
+    k_bthd, v_bthd = (cupy.asarray(np.ascontiguousarray(a.transpose(0, 2, 1, 3))) for a in (k, v))
+    strided = oc.quantize_kv(k_bthd.transpose(0, 2, 1, 3), v_bthd.transpose(0, 2, 1, 3))
+    cpu = oc.quantize_kv(k, v)
+    for name, array in cpu.arrays().items():
+        np.testing.assert_array_equal(cupy.asnumpy(strided.arrays()[name]), array, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("config", [oc.QuantConfig(), oc.QuantConfig(bits=4, token_scaling="l2_per_head"),
+                                    oc.QuantConfig.preset("kivi-2")], ids=["oscar-2", "per-head-4", "kivi-2"])
+def test_dequantize_equals_cpu(rng, dtype, config):
+    k, v = random_kv(rng, batch=2, kv_heads=3, tokens=77, head_dim=128, dtype=dtype)
+    cpu_keys, cpu_values = oc.quantize_kv(k, v, config, lengths=[77, 40]).dequantize()
+    qkv = oc.quantize_kv(cupy.asarray(k), cupy.asarray(v), config, lengths=[77, 40])
+    poison_memory_pool()
+    keys, values = qkv.dequantize()
+    assert keys.dtype == cpu_keys.dtype
+    np.testing.assert_array_equal(cupy.asnumpy(keys).view(np.uint8), cpu_keys.view(np.uint8))
+    np.testing.assert_array_equal(cupy.asnumpy(values).view(np.uint8), cpu_values.view(np.uint8))
+
+
+@pytest.mark.parametrize("size, dtype", itertools.product([16, 32, 64, 128, 256], DTYPES))
+def test_hadamard_equals_cpu(rng, size, dtype):
+    x = rng.standard_normal((5, 7, size)).astype(dtype)
+    poison_memory_pool()
+    result = oc.hadamard(cupy.asarray(x))
+    np.testing.assert_array_equal(cupy.asnumpy(result).view(np.uint8), oc.hadamard(x).view(np.uint8))
+    y = rng.standard_normal((size, 3)).astype(dtype)
+    np.testing.assert_array_equal(cupy.asnumpy(oc.hadamard(cupy.asarray(y), axis=0)), oc.hadamard(y, axis=0))
+
+
+def test_refusals(rng):
+    k, v = random_kv(rng, tokens=64)
+    bad = k.copy()
+    bad[1, 0, 10, 3] = np.nan
+    with pytest.raises(ValueError, match="k contains NaN or Inf"):
+        oc.quantize_kv(cupy.asarray(bad), cupy.asarray(v))
+    oc.quantize_kv(cupy.asarray(bad), cupy.asarray(v), lengths=[64, 10])  # padding is never read
+    with pytest.raises(ValueError, match="v holds values beyond the range of scale_dtype float16"):
+        oc.quantize_kv(cupy.asarray(k), cupy.asarray(v * 0 + 1e5))
+    with pytest.raises(NotImplementedError, match="decode_attention runs on the CPU"):
+        oc.decode_attention(cupy.asarray(rng.standard_normal((2, 2, 1, 64)).astype(np.float32)),
+                            oc.quantize_kv(cupy.asarray(k), cupy.asarray(v)))
+    before = k.copy()
+    oc.quantize_kv(cupy.asarray(k), cupy.asarray(v)).dequantize()
+    np.testing.assert_array_equal(k, before)
+
+
+def test_torch_tensors_on_torch_stream(rng):
+    torch = pytest.importorskip("torch")
+    k, v = random_kv(rng, batch=2, kv_heads=2, tokens=96, head_dim=128)
+    kt = torch.from_numpy(k).to("cuda", torch.bfloat16)
+    vt = torch.from_numpy(v).to("cuda", torch.bfloat16)
+    before = kt.clone()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        qkv = oc.quantize_kv(kt, vt, lengths=[96, 50])
+        keys, values = qkv.dequantize()
+    stream.synchronize()
+    assert isinstance(keys, torch.Tensor) and keys.dtype == torch.bfloat16 and keys.device == kt.device
+    assert torch.equal(kt, before)
+    reference = oc.quantize_kv(kt.cpu(), vt.cpu(), lengths=[96, 50])
+    for name, array in reference.arrays().items():
+        np.testing.assert_array_equal(cupy.asnumpy(qkv.arrays()[name]), array, err_msg=name)
+    assert torch.equal(keys.cpu(), reference.dequantize()[0])
+
+
+@pytest.mark.skipif(GPUS < 2, reason="one GPU")
+def test_launches_on_the_inputs_device(rng):
+    k, v = random_kv(rng, tokens=64)
+    with cupy.cuda.Device(1):
+        k1, v1 = cupy.asarray(k), cupy.asarray(v)
+    qkv = oc.quantize_kv(k1, v1)
+    assert qkv.k_codes.device.id == 1
+    np.testing.assert_array_equal(cupy.asnumpy(qkv.k_codes), oc.quantize_kv(k, v).k_codes)

@@ -49,11 +49,16 @@ def quantize_row(batch, kv_heads, tokens, head_dim, config):
     cuda_backend.raise_refusals(cuda_backend.launch_quantize(k, v, config, lengths, out), config)  # compile, check
 
     quantize = time_ms(lambda: cuda_backend.launch_quantize(k, v, config, lengths, out))
+    refused = cupy.zeros(1, dtype=cupy.int32)
+    keys = time_ms(lambda: cuda_backend.launch_quantize_keys(k, config, lengths, out, refused))
+    values = time_ms(lambda: cuda_backend.launch_quantize_values(v, config, lengths, out, refused))
     source = cupy.concatenate([k.view(cupy.uint16).ravel(), v.view(cupy.uint16).ravel()])
     target = cupy.empty_like(source)
     copy = time_ms(lambda: target.__setitem__(Ellipsis, source))
     read = k.nbytes + v.nbytes
     written = sum(array.nbytes for array in out.values())
+    key_bytes = k.nbytes + sum(out[name].nbytes for name in ("k_codes", "k_scales", "k_zeros", "norms"))
+    value_bytes = v.nbytes + sum(out[name].nbytes for name in ("v_codes", "v_scales", "v_zeros"))
     quantize_gbs = (read + written) / quantize / 1e6
     copy_gbs = 2 * source.nbytes / copy / 1e6
     return dict(
@@ -61,6 +66,7 @@ def quantize_row(batch, kv_heads, tokens, head_dim, config):
         key_group=config.key_group, input_mb=read / 1e6, written_mb=written / 1e6,
         quantize_ms=quantize, quantize_gbs=quantize_gbs, copy_ms=copy, copy_gbs=copy_gbs,
         fraction_of_copy=quantize_gbs / copy_gbs,
+        keys_ms=keys, keys_gbs=key_bytes / keys / 1e6, values_ms=values, values_gbs=value_bytes / values / 1e6,
     )
 
 
@@ -134,13 +140,15 @@ def main():
         f"`{result['command']}`. Fused key + value quantize-and-pack of bf16 input (oscar recipe: Hadamard, L2 token "
         "scaling); GB/s on bytes read + written; copy = device-to-device copy of the same input in the same run.",
         "",
-        "| batch | KV heads | tokens | head_dim | bits | key group | input MB | ms | GB/s | copy GB/s | % of copy |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | KV heads | tokens | head_dim | bits | key group | input MB | ms | GB/s | copy GB/s | % of copy "
+        "| keys GB/s | values GB/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['batch']} | {r['kv_heads']} | {r['tokens']} | {r['head_dim']} | {r['bits']} | "
                      f"{r['key_group']} | {r['input_mb']:.0f} | {r['quantize_ms']:.3f} | {r['quantize_gbs']:.0f} | "
-                     f"{r['copy_gbs']:.0f} | {100 * r['fraction_of_copy']:.0f}% |")
+                     f"{r['copy_gbs']:.0f} | {100 * r['fraction_of_copy']:.0f}% | {r['keys_gbs']:.0f} | "
+                     f"{r['values_gbs']:.0f} |")
     lines += ["", "Query rotation of one decode step (the kernel alone, back-to-back launches; and one call of "
               "`oscar_cupy.hadamard` on a torch tensor, Python included) vs torch SDPA bf16 decode attention (best "
               "backend) over the same context:", "",

@@ -18,7 +18,7 @@ from oscar_cupy.config import QuantConfig
 
 THREADS = 256
 STATIC_SHARED_LIMIT = 48 * 1024  # dynamic shared memory beyond this needs the function attribute raised
-VALUE_TILE = 32  # tokens per block of quantize_values
+WARPS = THREADS // 32
 SCALINGS = {"none": 0, "l2": 1, "l2_per_head": 2}
 DTYPE_NAMES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}
 
@@ -52,9 +52,16 @@ def hadamard_normalization(head_dim: int) -> np.float32:
     return np.float32(1.0 / np.sqrt(head_dim))
 
 
+def _uses_hadamard(config: QuantConfig) -> bool:
+    """Whether the kernels rotate (a user matrix is applied before them, with cupy)."""
+    return isinstance(config.rotation, str) and config.rotation == "hadamard"
+
+
 def _rows_view(x):
-    """``(x or a contiguous copy with unit channel stride, element strides of its first three axes)``."""
-    if x.strides[3] != x.itemsize:
+    """``(x, element strides of its first three axes)``, or a contiguous copy of ``x`` when its rows are not contiguous
+    or not aligned to the kernels' 16-byte loads."""
+    aligned = x.data.ptr % 16 == 0 and all(stride % 16 == 0 for stride in x.strides[:3])
+    if x.strides[3] != x.itemsize or not aligned:
         x = cupy.ascontiguousarray(x)
     return x, [np.int64(stride // x.itemsize) for stride in x.strides[:3]]
 
@@ -82,23 +89,30 @@ def quantize_into(k, v, config: QuantConfig, lengths: np.ndarray, out: dict) -> 
 def launch_quantize(k, v, config: QuantConfig, lengths, out: dict):
     """Enqueue the quantization of ``k``, ``v`` into ``out`` (``lengths``: int64 device array) on the current stream,
     without synchronizing; returns the device flags that :func:`raise_refusals` reads."""
-    batch, heads, _, head_dim = k.shape
-    capacity = out["k_codes"].shape[2]
     refused = cupy.zeros(1, dtype=cupy.int32)
-    if capacity == 0:
-        return refused
-    rotate = config.rotates
-    if isinstance(config.rotation, np.ndarray):
-        k = _rotated_by_matrix(k, config.rotation)
-        v = _rotated_by_matrix(v, config.rotation) if config.rotate_values else v
-        rotate = False
-    norm = hadamard_normalization(head_dim)
+    if out["k_codes"].shape[2]:
+        if isinstance(config.rotation, np.ndarray):
+            k = _rotated_by_matrix(k, config.rotation)
+            v = _rotated_by_matrix(v, config.rotation) if config.rotate_values else v
+        launch_quantize_keys(k, config, lengths, out, refused)
+        launch_quantize_values(v, config, lengths, out, refused)
+    return refused
 
-    k, k_strides = _rows_view(k)
-    variant = kernels.quantize_variant(head_dim, config.bits, dtype_name(k.dtype), config.scale_dtype)
-    function = kernels.function(variant, "quantize_keys", k.device.id)
-    groups = capacity // config.key_group
-    shared = config.key_group * (head_dim + 1) * 4 + config.key_group * 4 + config.key_group * head_dim
+
+def launch_quantize_keys(k, config: QuantConfig, lengths, out: dict, refused) -> None:
+    """Enqueue ``quantize_keys`` (k already rotated by a user matrix, if the config has one)."""
+    batch, heads, _, head_dim = k.shape
+    k, strides = _rows_view(k)
+    groups = out["k_codes"].shape[2] // config.key_group
+    function = kernels.function(
+        kernels.quantize_variant(head_dim, config.bits, dtype_name(k.dtype), config.scale_dtype), "quantize_keys",
+        k.device.id,
+    )
+    shared = {  # see quantize_keys in raw_kernels/quantize.cu
+        "l2": heads * config.key_group * 8 + config.key_group * 4,
+        "l2_per_head": WARPS * config.key_group * 4,
+        "none": 0,
+    }[config.token_scaling]
     if shared > STATIC_SHARED_LIMIT:
         cupy.cuda.driver.funcSetAttribute(
             function.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared
@@ -106,22 +120,30 @@ def launch_quantize(k, v, config: QuantConfig, lengths, out: dict):
     norms = out.get("norms")
     function(
         (groups, batch), (THREADS,),
-        (k, *k_strides, lengths, np.int32(heads), np.int32(groups), np.int32(config.key_group),
-         np.int32(rotate), np.int32(SCALINGS[config.token_scaling]), norm,
+        (k, *strides, lengths, np.int32(heads), np.int32(groups), np.int32(config.key_group),
+         np.int32(_uses_hadamard(config)),
+         np.int32(SCALINGS[config.token_scaling]), hadamard_normalization(head_dim),
          out["k_codes"], out["k_scales"], out["k_zeros"], norms if norms is not None else np.uint64(0), refused),
         shared_mem=shared,
     )
 
-    v, v_strides = _rows_view(v)
-    variant = kernels.quantize_variant(head_dim, config.bits, dtype_name(v.dtype), config.scale_dtype)
-    function = kernels.function(variant, "quantize_values", v.device.id)
-    function(
-        (capacity // VALUE_TILE, batch * heads), (THREADS,),
-        (v, *v_strides, lengths, np.int32(heads), np.int32(capacity), np.int32(config.value_group),
-         np.int32(rotate and config.rotate_values), norm,
-         out["v_codes"], out["v_scales"], out["v_zeros"], refused),
+
+def launch_quantize_values(v, config: QuantConfig, lengths, out: dict, refused) -> None:
+    """Enqueue ``quantize_values`` (v already rotated by a user matrix, if the config has one)."""
+    batch, heads, _, head_dim = v.shape
+    v, strides = _rows_view(v)
+    capacity = out["v_scales"].shape[2]
+    function = kernels.function(
+        kernels.quantize_variant(head_dim, config.bits, dtype_name(v.dtype), config.scale_dtype), "quantize_values",
+        v.device.id,
     )
-    return refused
+    rotate = _uses_hadamard(config) and config.rotate_values
+    tokens_per_block = WARPS * config.codes_per_word  # a warp packs one word row
+    function(
+        (-(-capacity // tokens_per_block), batch * heads), (THREADS,),
+        (v, *strides, lengths, np.int32(heads), np.int32(capacity), np.int32(config.value_group), np.int32(rotate),
+         hadamard_normalization(head_dim), out["v_codes"], out["v_scales"], out["v_zeros"], refused),
+    )
 
 
 def raise_refusals(refused, config: QuantConfig) -> None:

@@ -51,14 +51,16 @@ __device__ __forceinline__ in_t f32_to_in(float x) { return f32_to_bf16(x); }
 // scale dtype and directed rounding (quantizer.round_down / round_up: the nearest value on the required side)
 
 #ifdef SCALE_DTYPE
+#define LEVELS ((1 << BITS) - 1)
 #if SCALE_DTYPE == DTYPE_F32
 #define SCALE_MAX 3.40282347e38f
 typedef float scale_t;
 __device__ __forceinline__ float scale_to_f32(scale_t s) { return s; }
 __device__ __forceinline__ scale_t scale_round_down(float x) { return x; }
-__device__ __forceinline__ scale_t scale_round_up(double x) {  // x >= 0
-    float c = (float)x;
-    return (double)c < x ? __uint_as_float(__float_as_uint(c) + 1u) : c;
+__device__ __forceinline__ scale_t scale_nearest(float x) { return x; }
+__device__ __forceinline__ scale_t scale_up(scale_t c) { return __uint_as_float(__float_as_uint(c) + 1u); }  // c >= +0
+__device__ __forceinline__ scale_t scale_down(scale_t c) {  // c >= +0
+    return c > 0.f ? __uint_as_float(__float_as_uint(c) - 1u) : __uint_as_float(0x80000001u);
 }
 #else
 typedef u16 scale_t;
@@ -71,20 +73,25 @@ __device__ __forceinline__ scale_t scale_nearest(float x) { return f32_to_f16(x)
 __device__ __forceinline__ float scale_to_f32(scale_t s) { return bf16_to_f32(s); }
 __device__ __forceinline__ scale_t scale_nearest(float x) { return f32_to_bf16(x); }
 #endif
+__device__ __forceinline__ scale_t scale_up(scale_t c) { return half_bits_up(c); }
+__device__ __forceinline__ scale_t scale_down(scale_t c) { return half_bits_down(c); }
 __device__ __forceinline__ scale_t scale_round_down(float x) {
     scale_t c = scale_nearest(x);
     while (scale_to_f32(c) > x) c = half_bits_down(c);
     return c;
 }
-__device__ __forceinline__ scale_t scale_round_up(double x) {
-    scale_t c = scale_nearest((float)x);  // within a step of the answer; the loops settle on the smallest value >= x
-    while ((double)scale_to_f32(c) < x) c = half_bits_up(c);
-    while ((double)scale_to_f32(half_bits_down(c)) >= x) c = half_bits_down(c);
-    return c;
-}
 #endif
 
-#define LEVELS ((1 << BITS) - 1)
+// quantizer.group_params' scale, round_up(float64(range) / L): the smallest scale value c with c * L >= range.
+// c * L is exact in float64 (at most 24 + 4 significant bits), so the comparisons are exact, and no float64 division
+// is needed; the float64 quotient of the definition never falls between two scale values on the other side of the
+// exact one (range has far fewer significant bits than a float64), so both give the same value.
+__device__ __forceinline__ scale_t scale_of_range(double range) {  // range >= 0
+    scale_t c = scale_nearest((float)range * (1.0f / LEVELS));  // within a few steps of the answer
+    while ((double)scale_to_f32(c) * LEVELS < range) c = scale_up(c);
+    while ((double)scale_to_f32(scale_down(c)) * LEVELS >= range) c = scale_down(c);
+    return c;
+}
 
 // quantizer.check_range: a group whose extremes exceed the scale dtype's finite range is refused
 __device__ __forceinline__ bool out_of_range(float minimum, float maximum) {
@@ -102,7 +109,7 @@ __device__ __forceinline__ GroupParams group_params(float minimum, float maximum
     if (!valid) { minimum = 0.f; maximum = 0.f; }
     p.zero = scale_round_down(minimum);
     p.zero_f32 = scale_to_f32(p.zero);
-    p.scale = scale_round_up(((double)maximum - (double)p.zero_f32) / (double)LEVELS);
+    p.scale = scale_of_range((double)maximum - (double)p.zero_f32);
     const float scale = scale_to_f32(p.scale);
     p.inverse = scale > 0.f ? 1.0f / scale : 0.f;
     return p;
@@ -130,7 +137,8 @@ __device__ __forceinline__ int slot_of(int element) { return (element >> 1) + (P
 
 // ---------------------------------------------------------------------------------------------------------------
 // the normalized Walsh-Hadamard transform of one row of N elements held by N / PER consecutive lanes, PER
-// consecutive elements each (cpu_kernels.fwht): float32 butterflies of stride 1, 2, 4, ..., then one multiplication
+// consecutive elements each (cpu_kernels.fwht): float32 butterflies of stride 1, 2, 4, ..., then one multiplication.
+// `lane` is the lane's index within its row; rows occupy aligned groups of N / PER lanes of the warp.
 
 template <int N, int PER>
 __device__ __forceinline__ void fwht_row(float (&x)[PER], int lane, float normalization) {
@@ -148,19 +156,18 @@ __device__ __forceinline__ void fwht_row(float (&x)[PER], int lane, float normal
 #pragma unroll
     for (int stride = PER; stride < N; stride *= 2) {
         const int lane_bit = stride / PER;
-        const bool high_half = (lane & lane_bit) != 0;
+        // low lane: x + partner; high lane: partner - x; a product by +-1 is exact, so the fma rounds once, as a - b
+        const float sign = (lane & lane_bit) ? -1.f : 1.f;
 #pragma unroll
-        for (int j = 0; j < PER; ++j) {
-            const float partner = __shfl_xor_sync(0xffffffffu, x[j], lane_bit);
-            x[j] = high_half ? partner - x[j] : x[j] + partner;
-        }
+        for (int j = 0; j < PER; ++j) x[j] = fmaf(sign, x[j], __shfl_xor_sync(0xffffffffu, x[j], lane_bit));
     }
 #pragma unroll
     for (int j = 0; j < PER; ++j) x[j] = x[j] * normalization;
 }
 
-__device__ __forceinline__ double warp_sum(double value) {
-#pragma unroll
-    for (int offset = WARP / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+// sum over the `lanes` consecutive lanes (a power of two, aligned) that hold one row
+template <typename T>
+__device__ __forceinline__ T row_sum(T value, int lanes) {
+    for (int offset = 1; offset < lanes; offset *= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
     return value;
 }

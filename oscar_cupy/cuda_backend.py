@@ -108,9 +108,10 @@ def launch_quantize_keys(k, config: QuantConfig, lengths, out: dict, refused) ->
         kernels.quantize_variant(head_dim, config.bits, dtype_name(k.dtype), config.scale_dtype), "quantize_keys",
         k.device.id,
     )
+    warps = min(heads, WARPS)  # a warp per head, up to 8
     shared = {  # see quantize_keys in raw_kernels/quantize.cu
         "l2": heads * config.key_group * 8 + config.key_group * 4,
-        "l2_per_head": WARPS * config.key_group * 4,
+        "l2_per_head": warps * config.key_group * 4,
         "none": 0,
     }[config.token_scaling]
     if shared > STATIC_SHARED_LIMIT:
@@ -119,7 +120,7 @@ def launch_quantize_keys(k, config: QuantConfig, lengths, out: dict, refused) ->
         )
     norms = out.get("norms")
     function(
-        (groups, batch), (THREADS,),
+        (groups, batch), (32 * warps,),
         (k, *strides, lengths, np.int32(heads), np.int32(groups), np.int32(config.key_group),
          np.int32(_uses_hadamard(config)),
          np.int32(SCALINGS[config.token_scaling]), hadamard_normalization(head_dim),

@@ -143,9 +143,8 @@ def _quantize_cpu(k_array, v_array, config: QuantConfig, lengths: np.ndarray, ca
     keys = _padded_float32(k_array, capacity, valid)
     values = _padded_float32(v_array, capacity, valid)
 
-    rotated_keys = rotate(keys, config.rotation)
-    norms = token_norms(rotated_keys, config.token_scaling)
-    keys = divide_by_norms(rotated_keys, norms)
+    norms = token_norms(keys, config.token_scaling)
+    keys = divide_by_norms(rotate(keys, config.rotation), norms)
     if config.rotate_values:
         values = rotate(values, config.rotation)
 

@@ -64,19 +64,19 @@ __device__ __forceinline__ float across_rows_max(float value) {
     return value;
 }
 
-// Keys. Grid (key groups of the capacity, B); warp w quantizes heads w, w + WARPS, ... of one group of key_group
-// tokens, ROWS tokens at a time. Per head: a first pass gathers per-channel min/max (and per-head norms), a second
-// pass (reading the rows again, through L2) encodes and packs. With "l2" scaling a pass before both gathers each
-// token's squares over all heads. Dynamic shared memory: l2: heads * key_group doubles, then key_group floats;
-// l2_per_head: WARPS * key_group floats.
-extern "C" __global__ void __launch_bounds__(THREADS, 2) quantize_keys(
+// Keys. Grid (key groups of the capacity, B), min(heads, 8) warps; warp w quantizes heads w, w + warps, ... of one
+// group of key_group tokens, ROWS tokens at a time. Per head: a first pass gathers per-channel min/max (and per-head
+// norms), a second pass (reading the rows again, through L2) encodes and packs. With "l2" scaling a pass before both
+// gathers each token's squares over all heads (of the keys as given: scaling.token_norms). Dynamic shared memory:
+// l2: heads * key_group doubles, then key_group floats; l2_per_head: warps * key_group floats.
+extern "C" __global__ void __launch_bounds__(THREADS, 3) quantize_keys(
     const in_t* __restrict__ keys, i64 stride_batch, i64 stride_head, i64 stride_token,
     const i64* __restrict__ lengths, int heads, int groups, int key_group, int rotate, int scaling,
     float hadamard_normalization, u32* __restrict__ codes_out, scale_t* __restrict__ scales_out,
     scale_t* __restrict__ zeros_out, float* __restrict__ norms_out, int* __restrict__ refused) {
     extern __shared__ double shared[];
     const int b = blockIdx.y, g = blockIdx.x;
-    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int warps = blockDim.x / WARP, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const int slot = lane / ROW_LANES, row_lane = lane % ROW_LANES;  // row slot in the warp, lane within the row
     const int first = g * key_group;
     const int valid = max(0, min((int)lengths[b] - first, key_group));
@@ -90,18 +90,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) quantize_keys(
     if (scaling == SCALING_L2_PER_HEAD) inverse_norms += warp * key_group;
 
     if (scaling == SCALING_L2) {
-        for (int h = warp; h < heads; h += WARPS) {
-            for (int t0 = 0; t0 < valid; t0 += ROWS) {
+        for (int h = warp; h < heads; h += warps) {
+            for (int t0 = 0; t0 < valid; t0 += ROWS) {  // norms are taken before the rotation (scaling.token_norms)
                 const int t = t0 + slot;
                 float x[PER] = {};
                 if (t < valid) load_row(base + h * stride_head + t * stride_token, x, bad);
-                if (rotate) fwht_row<HEAD_DIM, PER>(x, row_lane, hadamard_normalization);
                 const double sum = row_sum(t < valid ? row_squares(x) : 0.0, ROW_LANES);
                 if (row_lane == 0 && t < valid) squares[h * key_group + t] = sum;
             }
         }
         __syncthreads();
-        for (int t = threadIdx.x; t < key_group; t += THREADS) {
+        for (int t = threadIdx.x; t < key_group; t += blockDim.x) {
             double sum = 0.0;
             for (int h = 0; h < heads && t < valid; ++h) sum += squares[h * key_group + t];
             const float norm = norm_of(sum);
@@ -111,7 +110,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) quantize_keys(
         __syncthreads();
     }
 
-    for (int h = warp; h < heads; h += WARPS) {
+    for (int h = warp; h < heads; h += warps) {
         const in_t* head = base + h * stride_head;
         const i64 bh = (i64)b * heads + h;
         float minimum[PER], maximum[PER];
@@ -122,11 +121,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) quantize_keys(
             const int t = t0 + slot;
             float x[PER] = {};
             if (t < valid) load_row(head + t * stride_token, x, bad);
-            if (rotate) fwht_row<HEAD_DIM, PER>(x, row_lane, hadamard_normalization);
             float inverse = 1.f;
             if (scaling == SCALING_L2) {
                 inverse = t < valid ? inverse_norms[t] : 1.f;
-            } else if (scaling == SCALING_L2_PER_HEAD) {
+            } else if (scaling == SCALING_L2_PER_HEAD) {  // before the rotation, as above
                 const float norm = norm_of(row_sum(t < valid ? row_squares(x) : 0.0, ROW_LANES));
                 inverse = 1.0f / norm;
                 if (row_lane == 0 && t < valid) {
@@ -134,6 +132,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 2) quantize_keys(
                     norms_out[bh * capacity + first + t] = norm;
                 }
             }
+            if (rotate) fwht_row<HEAD_DIM, PER>(x, row_lane, hadamard_normalization);
             if (t < valid) {
 #pragma unroll
                 for (int j = 0; j < PER; ++j) {

@@ -53,16 +53,16 @@ def quantize(k, v, config, lengths):
     batch, heads, tokens, head_dim = k.shape
     dtype = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}[config.scale_dtype]
     r = rotation_matrix(config.rotation, head_dim)
-    keys = k @ r.T
+    keys = k @ r.T  # the norms are those of k (equal to those of the rotated keys: r is orthogonal)
     values = v @ r.T if config.rotate_values else v.copy()
     norms = np.ones((batch, heads, tokens))
     for b in range(batch):
         for t in range(lengths[b]):
             if config.token_scaling == "l2":
-                norms[b, :, t] = math.sqrt(sum(float(keys[b, h, t] @ keys[b, h, t]) for h in range(heads))) or 1.0
+                norms[b, :, t] = math.sqrt(sum(float(k[b, h, t] @ k[b, h, t]) for h in range(heads))) or 1.0
             elif config.token_scaling == "l2_per_head":
                 for h in range(heads):
-                    norms[b, h, t] = math.sqrt(float(keys[b, h, t] @ keys[b, h, t])) or 1.0
+                    norms[b, h, t] = math.sqrt(float(k[b, h, t] @ k[b, h, t])) or 1.0
     keys = keys / norms[..., None]
     out = {
         "keys": keys, "values": values, "norms": norms,

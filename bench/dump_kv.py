@@ -12,7 +12,8 @@ runs ONE bf16 forward pass on CPU with use_cache=True and saves, from the return
 
 with np.savez_compressed. Read it back with np.load(path) and json.loads(str(data["metadata"])).
 
-Run: python bench/dump_kv.py --model /tmp/smollm2/bf16 --text hamlet_gut.txt [--tokens 1024] [--out .assets/smollm2_kv.npz]
+Run: python bench/dump_kv.py --model /tmp/smollm2/bf16 --text hamlet_gut.txt [--tokens 1024]
+     [--out .assets/smollm2_kv.npz]
 (--model is a saved transformers folder, or a .gguf file, which is dequantized on load.)
 """
 

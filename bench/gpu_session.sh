@@ -17,5 +17,6 @@ cli check-kernels --arch "$arch" --resources > "$OUT/check_kernels.log" 2>&1; ec
 tail -1 "$OUT/check_kernels.log"
 python3 /tmp/site/bin/pytest -p no:cacheprovider -q -ra tests --junitxml="$OUT/junit.xml" > "$OUT/tests.log" 2>&1
 echo "pytest rc=$?"; tail -15 "$OUT/tests.log"
+python3 bench/test_report.py "$OUT/junit.xml" "$OUT" "bash bench/gpu_session.sh (pytest tests)"
 python3 bench/quantize.py --out "$OUT" > "$OUT/bench_quantize.log" 2>&1; echo "bench rc=$?"
 tail -30 "$OUT/bench_quantize.log"

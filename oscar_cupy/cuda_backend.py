@@ -33,7 +33,11 @@ def launch_context(device_id: int, torch_stream: bool):
         import torch
 
         stream = torch.cuda.current_stream(device_id)
-        with cupy.cuda.ExternalStream(stream.cuda_stream, device_id):
+        if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy >= 14: the CUDA stream protocol
+            external = cupy.cuda.Stream.from_external(stream)
+        else:
+            external = cupy.cuda.ExternalStream(stream.cuda_stream, device_id)
+        with external:
             yield
 
 

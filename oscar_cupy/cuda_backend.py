@@ -17,8 +17,8 @@ from oscar_cupy import kernels, layout
 from oscar_cupy.config import QuantConfig
 
 THREADS = 256
-STATIC_SHARED_LIMIT = 48 * 1024  # dynamic shared memory beyond this needs the function attribute raised
 WARPS = THREADS // 32
+STATIC_SHARED_LIMIT = 48 * 1024  # dynamic shared memory beyond this needs the function attribute raised
 SCALINGS = {"none": 0, "l2": 1, "l2_per_head": 2}
 DTYPE_NAMES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}
 
@@ -70,9 +70,9 @@ def _rows_view(x):
     return x, [np.int64(stride // x.itemsize) for stride in x.strides[:3]]
 
 
-def _rotated_by_matrix(x, rotation):
-    """float32 ``R @ x`` along the last axis (a float64 product rounded once, as the CPU's ``rotate``)."""
-    return (x.astype(cupy.float64) @ cupy.asarray(rotation.T)).astype(cupy.float32)
+def _times_matrix(x, matrix):
+    """float32 ``x @ matrix`` (a float64 product rounded once, as the CPU's ``rotate`` and ``unrotate``)."""
+    return (x.astype(cupy.float64) @ cupy.asarray(matrix)).astype(cupy.float32)
 
 
 def allocate(config: QuantConfig, batch: int, kv_heads: int, capacity: int, head_dim: int) -> dict:
@@ -96,8 +96,8 @@ def launch_quantize(k, v, config: QuantConfig, lengths, out: dict):
     refused = cupy.zeros(1, dtype=cupy.int32)
     if out["k_codes"].shape[2]:
         if isinstance(config.rotation, np.ndarray):
-            k = _rotated_by_matrix(k, config.rotation)
-            v = _rotated_by_matrix(v, config.rotation) if config.rotate_values else v
+            k = _times_matrix(k, config.rotation.T)  # R @ x for each row x
+            v = _times_matrix(v, config.rotation.T) if config.rotate_values else v
         launch_quantize_keys(k, config, lengths, out, refused)
         launch_quantize_values(v, config, lengths, out, refused)
     return refused
@@ -175,7 +175,7 @@ def dequantize(qkv, dtype):
     variant = kernels.dequantize_variant(head_dim, config.bits, kernel_dtype, config.scale_dtype)
     device_id = qkv.k_codes.device.id
     lengths = cupy.asarray(qkv.lengths, dtype=cupy.int64)
-    grid = (max(1, -(-tokens // (THREADS // 32))), batch * heads)
+    grid = (max(1, -(-tokens // WARPS)), batch * heads)  # a warp per token row
     norm = hadamard_normalization(head_dim)
     out_dtype = np.float32 if matrix is not None else dtype
     keys = cupy.empty((batch, heads, tokens, head_dim), dtype=out_dtype)
@@ -186,24 +186,19 @@ def dequantize(qkv, dtype):
             grid, (THREADS,),
             (qkv.k_codes, qkv.k_scales, qkv.k_zeros, norms if norms is not None else np.uint64(0),
              np.int32(0 if norms is None else norms.shape[1]), lengths, np.int32(heads), np.int32(capacity),
-             np.int32(tokens), np.int32(config.key_group), np.int32(config.rotates and matrix is None), norm, keys),
+             np.int32(tokens), np.int32(config.key_group), np.int32(_uses_hadamard(config)), norm, keys),
         )
         kernels.function(variant, "dequantize_values", device_id)(
             grid, (THREADS,),
             (qkv.v_codes, qkv.v_scales, qkv.v_zeros, lengths, np.int32(heads), np.int32(capacity), np.int32(tokens),
-             np.int32(config.value_group), np.int32(config.rotates and config.rotate_values and matrix is None),
-             norm, values),
+             np.int32(config.value_group), np.int32(_uses_hadamard(config) and config.rotate_values), norm, values),
         )
     if matrix is not None:
-        keys = _unrotated_by_matrix(keys, matrix)
+        keys = _times_matrix(keys, matrix)  # R^T @ x for each row x
         if config.rotate_values:
-            values = _unrotated_by_matrix(values, matrix)
+            values = _times_matrix(values, matrix)
         return keys.astype(dtype), values.astype(dtype)
     return keys, values
-
-
-def _unrotated_by_matrix(x, rotation):
-    return (x.astype(cupy.float64) @ cupy.asarray(rotation)).astype(cupy.float32)
 
 
 def hadamard_last_axis(x):
@@ -213,7 +208,6 @@ def hadamard_last_axis(x):
     out = cupy.empty_like(x)
     if rows:
         function = kernels.function(kernels.rotate_variant(size, dtype_name(x.dtype)), "hadamard_rows", x.device.id)
-        lanes = min(32, size)
-        rows_per_block = (THREADS // 32) * (32 // lanes)
+        rows_per_block = WARPS * (32 // min(32, size))  # a row spans min(32, size) lanes
         function((-(-rows // rows_per_block),), (THREADS,), (x, out, np.int64(rows), hadamard_normalization(size)))
     return out

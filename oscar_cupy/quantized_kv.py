@@ -35,7 +35,8 @@ KV_AXES = "(batch, kv_heads, tokens, head_dim)"
 class QuantizedKV:
     """Packed keys and values of ``batch`` sequences (arrays and bit order: :mod:`oscar_cupy.layout`).
 
-    The arrays are backend arrays (numpy on the CPU); torch users can view them with ``torch.from_dlpack``.
+    The arrays are backend arrays (numpy on the CPU, cupy on a GPU); torch users can view them with
+    ``torch.from_dlpack``.
 
     Attributes:
         config: the :class:`QuantConfig` they were quantized with.
@@ -103,7 +104,8 @@ def quantize_kv(k, v, config: QuantConfig | None = None, lengths=None) -> Quanti
 
     Args:
         k, v: ``(batch, kv_heads, tokens, head_dim)`` float16, bfloat16 or float32, finite, in the model's basis (after
-            RoPE); numpy arrays or torch tensors. Never modified.
+            RoPE); numpy or cupy arrays, or CPU or CUDA torch tensors. Never modified. On a GPU the work runs on the
+            inputs' device and current stream.
         config: a :class:`QuantConfig` (default: ``QuantConfig()``, the OScaR INT2 recipe).
         lengths: optional ``(batch,)`` integers, valid tokens per sequence (the first ``lengths[b]`` tokens of sequence
             ``b``; default: all). Tokens beyond never enter a group's min/max.

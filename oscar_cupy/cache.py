@@ -1,0 +1,248 @@
+"""The quantized KV cache of one attention layer: packed flush blocks plus a full-precision window.
+
+The method's cache policy: prefill attends in full precision and then packs each sequence's whole flush blocks of
+``config.window`` tokens, keeping the rest in the window; each decode step appends to the window and attends over both
+parts; after the step's attention, :meth:`LayerCache.flush` packs every window that is full. Sequences of one batch
+keep their own lengths: sequence ``b`` holds ``packed_lengths[b]`` packed tokens (always whole flush blocks, so key
+groups stay aligned) followed by ``window_lengths[b]`` window tokens.
+
+Storage grows by doubling (amortized O(1) per token): the packed arrays of :mod:`oscar_cupy.layout` are allocated for a
+token capacity and copied once when a flush needs more. Packing a block on its own gives the same bytes as packing all
+tokens at once (groups never straddle blocks), so the cache stores exactly what :func:`oscar_cupy.quantize_kv` of the
+sequence's packed tokens would.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from oscar_cupy import layout
+from oscar_cupy.arrays import accept, check_float, check_rank, on_gpu, same_kind
+from oscar_cupy.attention import decode_attention
+from oscar_cupy.config import QuantConfig
+from oscar_cupy.quantized_kv import KV_AXES, QuantizedKV, quantize_kv
+
+
+class LayerCache:
+    """One layer's cache for ``batch`` sequences of ``kv_heads`` heads of ``head_dim`` channels.
+
+    Args:
+        config: the :class:`QuantConfig` (its ``window`` is the window size and the flush block).
+        batch, kv_heads, head_dim: the shape of the layer's keys and values.
+        dtype: dtype of the full-precision window (the model's dtype).
+        like: an array whose kind and device the storage follows (numpy for the CPU, cupy for a GPU); default numpy.
+        capacity: initial packed capacity in tokens (rounded up to whole flush blocks).
+    """
+
+    def __init__(self, config: QuantConfig, batch: int, kv_heads: int, head_dim: int, dtype, like=None,
+                 capacity: int = 0):
+        config.check_head_dim(head_dim)
+        self.config = config
+        self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
+        self._xp = _module_of(like)
+        self.dtype = np.dtype(dtype)
+        self.packed_lengths = np.zeros(batch, dtype=np.int64)
+        self.window_lengths = np.zeros(batch, dtype=np.int64)
+        window_shape = (batch, kv_heads, 2 * config.window, head_dim)  # room for a window plus one chunk
+        self._window_k = self._xp.zeros(window_shape, dtype=self.dtype)
+        self._window_v = self._xp.zeros(window_shape, dtype=self.dtype)
+        self._packed = self._allocate(_blocks(capacity, config.window) * config.window)
+        self.reallocations = 0
+
+    # -- sizes --------------------------------------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        """Packed capacity in tokens (whole flush blocks)."""
+        return self._packed["k_codes"].shape[2]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """int64 ``(batch,)``: tokens held per sequence, packed and in the window."""
+        return self.packed_lengths + self.window_lengths
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated: the packed arrays at their capacity and the window buffers."""
+        return sum(a.nbytes for a in self._packed.values()) + self._window_k.nbytes + self._window_v.nbytes
+
+    def stored_nbytes(self) -> int:
+        """Bytes that the tokens held occupy: packed tokens at the layout's bytes per token, window tokens at the
+        window dtype's."""
+        per_token = self.packed_bytes_per_token()
+        window_bytes = 2 * self.kv_heads * self.head_dim * self.dtype.itemsize
+        return int(self.packed_lengths.sum()) * per_token + int(self.window_lengths.sum()) * window_bytes
+
+    def packed_bytes_per_token(self) -> int:
+        """Bytes of one packed token of one sequence (codes, scales, zeros and norm, all heads)."""
+        block = layout.array_specs(self.config, 1, self.kv_heads, self.config.window, self.head_dim)
+        total = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in block.values())
+        return total // self.config.window
+
+    def bf16_nbytes(self) -> int:
+        """Bytes the same tokens would take in a bf16 cache."""
+        return int(self.lengths.sum()) * 2 * self.kv_heads * self.head_dim * 2
+
+    # -- writing ------------------------------------------------------------------------------------------------
+
+    def prefill(self, k, v, lengths=None) -> None:
+        """Store a prompt: ``k``, ``v`` ``(batch, kv_heads, tokens, head_dim)``, the first ``lengths[b]`` tokens of
+        sequence ``b`` valid (default all). Whole flush blocks are packed, the rest goes to the window. The cache must
+        be empty (see :meth:`reset`); attend over the prompt in full precision before or after, as the model does."""
+        if self.lengths.any():
+            raise ValueError("prefill needs an empty cache; call reset() first, or append() to add tokens")
+        k_array, v_array = self._accept_kv(k, v)
+        tokens = k_array.shape[2]
+        lengths = np.full(self.batch, tokens, np.int64) if lengths is None else np.asarray(lengths, np.int64)
+        if lengths.shape != (self.batch,) or lengths.min(initial=0) < 0 or lengths.max(initial=0) > tokens:
+            raise ValueError(f"lengths must be {self.batch} integers in [0, {tokens}], got {lengths.tolist()}")
+        packed = lengths // self.config.window * self.config.window
+        if packed.any():
+            self._reserve(int(packed.max()))
+            self._write_packed(quantize_kv(k_array[:, :, : packed.max()], v_array[:, :, : packed.max()],
+                                           self.config, lengths=packed), np.arange(self.batch), np.zeros_like(packed))
+        self.packed_lengths = packed
+        for b in range(self.batch):
+            rest = int(lengths[b] - packed[b])
+            self._window_k[b, :, :rest] = k_array[b, :, packed[b] : lengths[b]]
+            self._window_v[b, :, :rest] = v_array[b, :, packed[b] : lengths[b]]
+        self.window_lengths = lengths - packed
+
+    def append(self, k, v) -> None:
+        """Append ``k``, ``v`` ``(batch, kv_heads, n, head_dim)`` (n <= window tokens) after each sequence's tokens.
+
+        A window that is full is packed first (normally :meth:`flush` did that after the previous step's attention).
+        """
+        k_array, v_array = self._accept_kv(k, v)
+        count = k_array.shape[2]
+        if count > self.config.window:
+            raise ValueError(f"append takes at most window={self.config.window} tokens at a time, got {count}")
+        if (self.window_lengths + count > 2 * self.config.window).any():
+            self.flush()
+        for b in range(self.batch):
+            start = int(self.window_lengths[b])
+            self._window_k[b, :, start : start + count] = k_array[b]
+            self._window_v[b, :, start : start + count] = v_array[b]
+        self.window_lengths = self.window_lengths + count
+
+    def flush(self) -> None:
+        """Pack the oldest ``window`` tokens of every sequence whose window holds at least that many."""
+        window = self.config.window
+        full = np.flatnonzero(self.window_lengths >= window)
+        if not full.size:
+            return
+        self._reserve(int(self.packed_lengths[full].max()) + window)
+        block = quantize_kv(self._window_k[full, :, :window], self._window_v[full, :, :window], self.config)
+        self._write_packed(block, full, self.packed_lengths[full])
+        for b in full:
+            rest = int(self.window_lengths[b] - window)
+            self._window_k[b, :, :rest] = self._window_k[b, :, window : window + rest].copy()
+            self._window_v[b, :, :rest] = self._window_v[b, :, window : window + rest].copy()
+        self.packed_lengths[full] += window
+        self.window_lengths[full] -= window
+
+    # -- reading ------------------------------------------------------------------------------------------------
+
+    def packed(self) -> QuantizedKV:
+        """The packed part as a :class:`QuantizedKV` (a view of the storage, no copy)."""
+        return QuantizedKV(config=self.config, **self._packed_views(), lengths=self.packed_lengths.copy(),
+                           num_tokens=self.capacity, dtype=self.dtype)
+
+    def attend(self, q, scale=None, return_lse=False):
+        """Decode attention of ``q`` ``(batch, q_heads, q_len, head_dim)`` over the packed part and the window
+        (:func:`oscar_cupy.decode_attention`): the queries are the last ``q_len`` tokens held, so append them first."""
+        q_array, kind = accept(q, "q")
+        window = int(self.window_lengths.max(initial=0))
+        result = decode_attention(q_array, self.packed(), self._window_k[:, :, :window],
+                                  self._window_v[:, :, :window], lengths=self.window_lengths, scale=scale,
+                                  return_lse=return_lse)
+        return tuple(kind.wrap(r) for r in result) if return_lse else kind.wrap(result)
+
+    # -- batch editing ------------------------------------------------------------------------------------------
+
+    def reorder(self, indices) -> None:
+        """Keep sequences ``indices`` (beam search's ``reorder_cache``/``batch_select_indices``), in that order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.ndim != 1 or indices.min(initial=0) < 0 or indices.max(initial=0) >= self.batch:
+            raise ValueError(f"indices must be a 1-D array of sequence numbers below {self.batch}")
+        take = self._xp.asarray(indices)
+        self._packed = {name: array[take] for name, array in self._packed.items()}
+        self._window_k, self._window_v = self._window_k[take], self._window_v[take]
+        self.packed_lengths, self.window_lengths = self.packed_lengths[indices], self.window_lengths[indices]
+        self.batch = len(indices)
+
+    def crop(self, length: int) -> None:
+        """Drop every token at or after position ``length`` of each sequence. Packed tokens cannot be cropped: a crop
+        into the packed part raises ``ValueError``."""
+        if (self.packed_lengths > length).any():
+            raise ValueError(
+                f"cannot crop to {length} tokens: packed tokens (up to {int(self.packed_lengths.max())}) are "
+                "quantized in whole flush blocks and cannot be cut; crop within the full-precision window"
+            )
+        self.window_lengths = np.minimum(self.window_lengths, np.maximum(length - self.packed_lengths, 0))
+
+    def reset(self) -> None:
+        """Forget every token (the storage stays allocated)."""
+        self.packed_lengths[:] = 0
+        self.window_lengths[:] = 0
+
+    # -- storage ------------------------------------------------------------------------------------------------
+
+    def _accept_kv(self, k, v):
+        (k_array, k_kind), (v_array, v_kind) = accept(k, "k"), accept(v, "v")
+        same_kind([(k_array, k_kind), (v_array, v_kind)], ["k", "v"])
+        for array, name in ((k_array, "k"), (v_array, "v")):
+            check_float(array, name)
+            check_rank(array, name, 4, KV_AXES)
+            expected = (self.batch, self.kv_heads, self.head_dim)
+            if (array.shape[0], array.shape[1], array.shape[3]) != expected:
+                raise ValueError(f"{name} has shape {tuple(array.shape)}; expected "
+                                 f"({self.batch}, {self.kv_heads}, tokens, {self.head_dim})")
+            if on_gpu(array) != (self._xp is not np):
+                raise ValueError(f"{name} is on another device than the cache's storage")
+        return k_array, v_array
+
+    def _allocate(self, tokens: int) -> dict:
+        specs = layout.array_specs(self.config, self.batch, self.kv_heads, tokens, self.head_dim)
+        return {name: self._xp.zeros(shape, dtype=dtype) for name, (shape, dtype) in specs.items()}
+
+    def _reserve(self, tokens: int) -> None:
+        """Grow the packed storage, by doubling, until it holds ``tokens`` tokens per sequence."""
+        if tokens <= self.capacity:
+            return
+        blocks = max(_blocks(tokens, self.config.window), 2 * _blocks(self.capacity, self.config.window))
+        grown = self._allocate(blocks * self.config.window)
+        for name, array in self._packed.items():
+            grown[name][:, :, : array.shape[2]] = array
+        self._packed = grown
+        self.reallocations += 1
+
+    def _packed_views(self) -> dict:
+        views = dict(self._packed)
+        views.setdefault("norms", None)
+        return views
+
+    def _write_packed(self, block: QuantizedKV, sequences: np.ndarray, offsets: np.ndarray) -> None:
+        """Copy ``block``'s arrays (sequence i of the block into sequence ``sequences[i]``, from token ``offsets[i]``)."""
+        for name, array in block.arrays().items():
+            rows = self._packed[name].shape[2]  # token rows of this array for the whole capacity
+            for i, (b, offset) in enumerate(zip(sequences, offsets)):
+                start = int(offset) * rows // self.capacity  # offsets are whole flush blocks: exact
+                self._packed[name][b, :, start : start + array.shape[2]] = array[i]
+
+
+def _blocks(tokens: int, window: int) -> int:
+    return -(-tokens // window)
+
+
+def _module_of(like):
+    """numpy, or cupy when ``like`` is on a GPU."""
+    if like is None:
+        return np
+    array, _ = accept(like, "like")
+    if on_gpu(array):
+        import cupy
+
+        return cupy
+    return np
+

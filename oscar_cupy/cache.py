@@ -223,7 +223,7 @@ class LayerCache:
         return views
 
     def _write_packed(self, block: QuantizedKV, sequences: np.ndarray, offsets: np.ndarray) -> None:
-        """Copy ``block``'s arrays (sequence i of the block into sequence ``sequences[i]``, from token ``offsets[i]``)."""
+        """Copy ``block``'s arrays: its sequence i into sequence ``sequences[i]``, from token ``offsets[i]`` on."""
         for name, array in block.arrays().items():
             rows = self._packed[name].shape[2]  # token rows of this array for the whole capacity
             for i, (b, offset) in enumerate(zip(sequences, offsets)):

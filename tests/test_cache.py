@@ -3,9 +3,9 @@ accounting, mixed lengths and batch editing."""
 
 import numpy as np
 import pytest
+from conftest import random_kv
 
 import oscar_cupy as oc
-from conftest import random_kv
 from oscar_cupy.cache import LayerCache
 
 CONFIG = oc.QuantConfig(window=64)  # a small flush block, so that tests flush often

@@ -190,3 +190,22 @@ def test_launches_on_the_inputs_device(rng):
     qkv = oc.quantize_kv(k1, v1)
     assert qkv.k_codes.device.id == 1
     np.testing.assert_array_equal(cupy.asnumpy(qkv.k_codes), oc.quantize_kv(k, v).k_codes)
+
+
+def test_layer_cache_on_the_gpu_stores_what_the_cpu_cache_stores(rng):
+    from oscar_cupy.cache import LayerCache
+
+    config = oc.QuantConfig(window=64)
+    k, v = random_kv(rng, batch=2, kv_heads=3, tokens=260, head_dim=128, dtype=np.float16)
+    caches = [LayerCache(config, 2, 3, 128, np.float16, like=like) for like in (k, cupy.asarray(k))]
+    for cache, convert in zip(caches, (np.asarray, cupy.asarray)):
+        cache.prefill(convert(k[:, :, :100]), convert(v[:, :, :100]), lengths=[100, 70])
+        for t in range(100, 260, 8):  # chunks of 8 tokens, flushed after each step as after attention
+            cache.append(convert(k[:, :, t : t + 8]), convert(v[:, :, t : t + 8]))
+            cache.flush()
+    cpu, gpu = caches
+    np.testing.assert_array_equal(gpu.packed_lengths, cpu.packed_lengths)
+    np.testing.assert_array_equal(gpu.window_lengths, cpu.window_lengths)
+    for name, array in cpu.packed().arrays().items():
+        np.testing.assert_array_equal(cupy.asnumpy(gpu.packed().arrays()[name]), array, err_msg=name)
+    np.testing.assert_array_equal(cupy.asnumpy(gpu._window_k), cpu._window_k)

@@ -55,12 +55,14 @@ __device__ __forceinline__ float norm_of(double squares) {
 // min or max over the lanes of the same channels in the other row slots of the warp
 __device__ __forceinline__ float across_rows_min(float value) {
 #pragma unroll
-    for (int offset = ROW_LANES; offset < WARP; offset *= 2) value = fminf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+    for (int offset = ROW_LANES; offset < WARP; offset *= 2)
+        value = fminf(value, __shfl_xor_sync(0xffffffffu, value, offset));
     return value;
 }
 __device__ __forceinline__ float across_rows_max(float value) {
 #pragma unroll
-    for (int offset = ROW_LANES; offset < WARP; offset *= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+    for (int offset = ROW_LANES; offset < WARP; offset *= 2)
+        value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
     return value;
 }
 
@@ -247,7 +249,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) quantize_values(
 #pragma unroll
     for (int j = 0; j < PER; ++j)
 #pragma unroll
-        for (int offset = ROW_LANES; offset < WARP; offset *= 2) words[j] |= __shfl_xor_sync(0xffffffffu, words[j], offset);
+        for (int offset = ROW_LANES; offset < WARP; offset *= 2)
+            words[j] |= __shfl_xor_sync(0xffffffffu, words[j], offset);
     if (slot == 0) {
         Vector16* out = reinterpret_cast<Vector16*>(
             codes_out + ((i64)bh * (capacity / PER_WORD) + first / PER_WORD) * HEAD_DIM + row_lane * PER);

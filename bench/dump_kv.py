@@ -6,6 +6,8 @@ runs ONE bf16 forward pass on CPU with use_cache=True and saves, from the return
 
   keys    float32 (layers, 1, kv_heads, tokens, head_dim)  post-RoPE keys, exactly the bf16 values widened to float32
   values  float32 (layers, 1, kv_heads, tokens, head_dim)  values, likewise
+  queries float32 (layers, 1, q_heads, query_tokens, head_dim)  post-RoPE queries of the last --query-tokens
+          positions (bf16 projections, RoPE applied in float32 as the model does, then rounded to bf16)
   token_ids    int32 (tokens,)
   layer_names  str (layers,)
   metadata     str, JSON: model, transformers version, tokens, text file, character offset and span, ...
@@ -26,6 +28,7 @@ import torch
 import transformers
 from packaging import version
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
 def load(model_path):
@@ -56,6 +59,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--out", default=".assets/smollm2_kv.npz")
     parser.add_argument("--model-name", default="SmolLM2-135M-Instruct", help="recorded in the metadata")
+    parser.add_argument("--query-tokens", type=int, default=256, help="how many of the last positions' queries to keep")
     args = parser.parse_args()
 
     text = pathlib.Path(args.text).read_text(encoding="utf-8")
@@ -67,8 +71,20 @@ def main():
     token_ids = encoding["input_ids"][: args.tokens]
     span = encoding["offset_mapping"][args.tokens - 1][1]
 
+    projections = []  # each layer's q_proj output, (1, tokens, q_heads * head_dim)
+    hooks = [layer.self_attn.q_proj.register_forward_hook(lambda _, __, out: projections.append(out))
+             for layer in model.model.layers]
     with torch.inference_mode():
         output = model(torch.tensor([token_ids]), use_cache=True)
+        positions = torch.arange(args.tokens)[None]
+        cos, sin = model.model.rotary_emb(projections[0], positions)
+        head_dim = model.config.head_dim
+        queries = []
+        for projection in projections:  # RoPE as the attention layer applies it
+            q = projection.view(1, args.tokens, -1, head_dim).transpose(1, 2)
+            queries.append(apply_rotary_pos_emb(q, q, cos, sin)[0][:, :, -args.query_tokens :])
+    for hook in hooks:
+        hook.remove()
     layers = cache_layers(output.past_key_values)
     keys = torch.stack([k for k, _ in layers]).float().numpy()  # bf16 -> float32 is exact
     values = torch.stack([v for _, v in layers]).float().numpy()
@@ -93,6 +109,7 @@ def main():
         out,
         keys=keys,
         values=values,
+        queries=torch.stack(queries).float().numpy(),
         token_ids=np.array(token_ids, dtype=np.int32),
         layer_names=np.array([f"model.layers.{i}.self_attn" for i in range(len(layers))]),
         metadata=np.array(json.dumps(metadata)),

@@ -1,4 +1,5 @@
 """Adapters from other frameworks to oscar_cupy, installed as ``oscar_cupy.adapters``.
 
 - :mod:`oscar_cupy.adapters.torch`: torch tensors to and from the library's arrays (DLPack, no copy).
+- :mod:`oscar_cupy.adapters.hf`: the OScaR cache for Hugging Face transformers models (``enable_oscar``).
 """

@@ -1,0 +1,190 @@
+"""Hugging Face transformers adapter: OScaR's quantized KV cache for ``model.generate``, with public APIs only.
+
+    cache = enable_oscar(model, QuantConfig())      # fold the value rotation into the weights, register attention
+    model.generate(**inputs, past_key_values=cache)
+    disable_oscar(model)                            # the original weights, bit for bit
+
+The cache is a transformers ``Cache`` whose layers (``CacheLayerMixin``) hold an :class:`oscar_cupy.LayerCache`. The
+model's attention runs through a registered attention function (``AttentionInterface``): the prefill attends in full
+precision with transformers' SDPA function and then the layer packs whole flush blocks; a decode step appends to the
+window, attends with :meth:`LayerCache.attend` and flushes full windows.
+
+First step of the adapter (what remains is listed in the README): CPU tensors (the GPU needs the fused decode kernel),
+batches whose sequences all have the same length (no left padding), full-attention layers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from oscar_cupy.cache import LayerCache
+from oscar_cupy.config import QuantConfig
+from oscar_cupy.rotation import hadamard_matrix
+
+ATTENTION = "oscar_cupy"
+SUPPORTED_TRANSFORMERS = (5,)  # major versions
+
+
+class OscarLayer(CacheLayerMixin):
+    """One layer of :class:`OscarCache`: a :class:`LayerCache` created at the first update."""
+
+    is_croppable = True
+
+    def __init__(self, config: QuantConfig):
+        super().__init__()
+        self.config = config
+        self.cache: LayerCache | None = None
+        self.prefilled = False  # whether the last update was a prefill (attention then runs in full precision)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        self.cache = LayerCache(self.config, batch, heads, head_dim, _numpy_dtype(key_states.dtype), like=key_states)
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.prefilled = not self.cache.lengths.any() and key_states.shape[2] > 1
+        if self.prefilled:
+            self.cache.prefill(key_states, value_states)
+        else:
+            self.cache.append(key_states, value_states)
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return int(self.cache.lengths.max()) if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.cache.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self.cache.reorder(beam_idx.cpu().numpy())
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def crop(self, max_length: int) -> None:
+        """Keep ``max_length`` tokens (a negative value removes that many); only window tokens can be cropped."""
+        if self.is_initialized:
+            self.cache.crop(max_length if max_length >= 0 else self.get_seq_length() + max_length)
+
+
+class OscarCache(Cache):
+    """A transformers ``Cache`` of :class:`OscarLayer` for ``num_layers`` layers."""
+
+    def __init__(self, config: QuantConfig, num_layers: int):
+        super().__init__(layers=[OscarLayer(config) for _ in range(num_layers)])
+        self.config = config
+
+    def nbytes(self) -> int:
+        """Bytes allocated by all layers."""
+        return sum(layer.cache.nbytes for layer in self.layers if layer.is_initialized)
+
+
+def oscar_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The registered attention function: full precision at prefill, the packed cache at decode."""
+    layer = module.oscar_cache.layers[module.layer_idx]
+    if layer.prefilled:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    output = layer.cache.attend(query, scale=scaling)  # (batch, q_heads, q_len, head_dim)
+    layer.cache.flush()  # after the step's attention, as the method prescribes
+    return output.transpose(1, 2).contiguous(), None
+
+
+def enable_oscar(model, config: QuantConfig | None = None) -> OscarCache:
+    """Make ``model`` an OScaR model and return the cache to pass to ``generate(past_key_values=...)``.
+
+    With a Hadamard rotation, the value rotation is folded into each layer's ``v_proj`` (output blocks, and bias) and
+    ``o_proj`` (input blocks) once, in float32; :func:`disable_oscar` restores the original weights bit for bit.
+    """
+    major = int(transformers.__version__.split(".")[0])
+    if major not in SUPPORTED_TRANSFORMERS:
+        raise ImportError(f"oscar_cupy.adapters.hf supports transformers 5.x; this is {transformers.__version__}")
+    config = QuantConfig() if config is None else config
+    attentions = _attention_modules(model)
+    head_dim = attentions[0].head_dim
+    config.check_head_dim(head_dim)
+    fold = config.rotates and config.rotate_values
+    rotation = _rotation_matrix(config, head_dim)
+    cache = OscarCache(config.replace(rotate_values=False) if fold else config, len(attentions))
+    AttentionInterface.register(ATTENTION, oscar_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    for module in attentions:
+        if fold and not hasattr(module, "oscar_original"):
+            module.oscar_original = {name: getattr(module, name).weight.detach().clone()
+                                     for name in ("v_proj", "o_proj")}
+            if module.v_proj.bias is not None:
+                module.oscar_original["v_proj.bias"] = module.v_proj.bias.detach().clone()
+            _fold_value_rotation(module, rotation, head_dim)
+        module.oscar_cache = cache
+    if not hasattr(model, "oscar_attn_implementation"):
+        model.oscar_attn_implementation = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION)
+    return cache
+
+
+def disable_oscar(model) -> None:
+    """Undo :func:`enable_oscar`: the original ``v_proj``/``o_proj`` weights and attention implementation."""
+    for module in _attention_modules(model):
+        original = getattr(module, "oscar_original", None)
+        if original is not None:
+            with torch.no_grad():
+                module.v_proj.weight.copy_(original["v_proj"])
+                module.o_proj.weight.copy_(original["o_proj"])
+                if "v_proj.bias" in original:
+                    module.v_proj.bias.copy_(original["v_proj.bias"])
+            del module.oscar_original
+        if hasattr(module, "oscar_cache"):
+            del module.oscar_cache
+    if hasattr(model, "oscar_attn_implementation"):
+        model.set_attn_implementation(model.oscar_attn_implementation)
+        del model.oscar_attn_implementation
+
+
+def _attention_modules(model) -> list:
+    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "v_proj") and hasattr(m, "o_proj")]
+    if not modules:
+        raise TypeError(f"{type(model).__name__} has no attention layers with v_proj and o_proj that oscar_cupy knows")
+    return sorted(modules, key=lambda m: m.layer_idx)
+
+
+def _rotation_matrix(config: QuantConfig, head_dim: int) -> torch.Tensor:
+    matrix = hadamard_matrix(head_dim) if isinstance(config.rotation, str) else config.rotation
+    return torch.from_numpy(np.asarray(matrix, dtype=np.float32))
+
+
+def _fold_value_rotation(module, rotation: torch.Tensor, head_dim: int) -> None:
+    """v_proj output blocks (and bias) become R @ block, o_proj input blocks block @ R^T: values are stored rotated and
+    the attention output is rotated back, in the weights."""
+    with torch.no_grad():
+        weight = module.v_proj.weight
+        blocks = weight.float().view(-1, head_dim, weight.shape[1])
+        weight.copy_((rotation @ blocks).view_as(weight).to(weight.dtype))
+        if module.v_proj.bias is not None:
+            bias = module.v_proj.bias
+            bias.copy_((bias.float().view(-1, head_dim) @ rotation.T).view_as(bias).to(bias.dtype))
+        weight = module.o_proj.weight
+        blocks = weight.float().view(weight.shape[0], -1, head_dim)
+        weight.copy_((blocks @ rotation.T).view_as(weight).to(weight.dtype))
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    from oscar_cupy.arrays import BFLOAT16
+
+    return BFLOAT16 if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype

@@ -1,0 +1,90 @@
+"""The Hugging Face adapter on tiny random models (CPU): generation through prefill, decode steps and flushes; logits
+against an unquantized cache; the value rotation folded into the weights and undone bit for bit."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from oscar_cupy.adapters.hf import disable_oscar, enable_oscar  # noqa: E402
+
+import oscar_cupy as oc  # noqa: E402
+
+TINY = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=64, max_position_embeddings=1024)
+
+
+def tiny_model(family):
+    torch.manual_seed(0)
+    if family == "llama":
+        config = transformers.LlamaConfig(**TINY)
+    elif family == "mistral":
+        config = transformers.MistralConfig(**TINY, sliding_window=None)
+    elif family == "qwen2":
+        config = transformers.Qwen2Config(**TINY)  # biases in q/k/v projections
+    else:
+        config = transformers.Qwen3Config(**TINY)  # q/k norms
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def teacher_forced_logits(model, tokens, cache, prompt_length):
+    """Logits of each position after the prompt, feeding the given tokens one at a time through ``cache``."""
+    with torch.no_grad():
+        model(tokens[:, :prompt_length], past_key_values=cache)
+        return torch.cat([model(tokens[:, t : t + 1], past_key_values=cache).logits
+                          for t in range(prompt_length, tokens.shape[1])], dim=1)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_unpacked_tokens_give_the_unquantized_logits(family):
+    """While every token sits in the full-precision window, the model computes what it computes without oscar_cupy
+    (up to float32 rounding of the folded value rotation)."""
+    model = tiny_model(family)
+    tokens = torch.randint(0, 256, (2, 60))
+    reference = teacher_forced_logits(model, tokens, transformers.DynamicCache(), 20)
+    cache = enable_oscar(model, oc.QuantConfig(window=64))
+    logits = teacher_forced_logits(model, tokens, cache, 20)
+    disable_oscar(model)
+    assert cache.layers[0].cache.packed_lengths.tolist() == [0, 0]
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_quantized_logits_stay_close(family):
+    model = tiny_model(family)
+    tokens = torch.randint(0, 256, (1, 200))
+    reference = teacher_forced_logits(model, tokens, transformers.DynamicCache(), 100)
+    errors = {}
+    for preset in ("oscar-4", "oscar-2"):
+        cache = enable_oscar(model, oc.QuantConfig.preset(preset, window=32))
+        logits = teacher_forced_logits(model, tokens, cache, 100)
+        disable_oscar(model)
+        assert cache.layers[0].cache.packed_lengths.tolist() == [192]  # prefill packed 96, decode flushed 3 more
+        errors[preset] = ((logits - reference).norm() / reference.norm()).item()
+    assert errors["oscar-4"] < 0.1 and errors["oscar-4"] < errors["oscar-2"] < 0.5, errors
+
+
+def test_generate_prefills_decodes_and_flushes():
+    model = tiny_model("llama")
+    prompt = torch.randint(0, 256, (2, 45))
+    cache = enable_oscar(model, oc.QuantConfig.preset("oscar-2", window=32))
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=70, do_sample=False, past_key_values=cache)
+    assert out.shape == (2, 115)
+    for layer in cache.layers:  # the last generated token is never fed back
+        assert layer.cache.lengths.tolist() == [114, 114]
+        assert layer.cache.packed_lengths.tolist() == [96, 96] and (layer.cache.window_lengths < 32).all()
+    assert cache.get_seq_length() == 114 and cache.nbytes() > 0
+    disable_oscar(model)
+
+
+def test_disable_restores_the_weights_bit_for_bit():
+    model = tiny_model("qwen2")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    enable_oscar(model)
+    folded = model.model.layers[0].self_attn.v_proj.weight
+    assert not torch.equal(folded, before["model.layers.0.self_attn.v_proj.weight"])
+    disable_oscar(model)
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert model.config._attn_implementation != "oscar_cupy"

@@ -16,10 +16,10 @@ import time
 
 import torch
 import transformers
+from oscar_cupy.adapters.hf import disable_oscar, enable_oscar
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import oscar_cupy as oc
-from oscar_cupy.adapters.hf import disable_oscar, enable_oscar
 from oscar_cupy.assets.models import resolve_model
 from oscar_cupy.assets.texts import shakespeare_plays
 

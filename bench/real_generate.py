@@ -59,7 +59,8 @@ def main():
             runs[preset] = dict(seconds=seconds, agree=agree, text=tokenizer.decode(tokens),
                                 stored_bytes=sum(c.stored_nbytes() for c in layers),
                                 bf16_bytes=sum(c.bf16_nbytes() for c in layers))
-            print(f"{preset}: {agree}/{len(reference)} tokens agree with bf16, {seconds:.1f} s: {runs[preset]['text']!r}")
+            print(f"{preset}: {agree}/{len(reference)} tokens agree with bf16, {seconds:.1f} s: "
+                  f"{runs[preset]['text']!r}")
 
     result = dict(benchmark="real_generate", date=datetime.date.today().isoformat(), command=" ".join(sys.argv),
                   device="CPU", model="SmolLM2-135M-Instruct (bf16)", text="hamlet_gut (middle of the play)",

@@ -10,7 +10,8 @@ precision with transformers' SDPA function and then the layer packs whole flush 
 window, attends with :meth:`LayerCache.attend` and flushes full windows.
 
 First step of the adapter (what remains is listed in the README): CPU tensors (the GPU needs the fused decode kernel),
-batches whose sequences all have the same length (no left padding), full-attention layers.
+full-attention layers. Left-padded batches (as ``generate`` makes them) are stored without their padding, each
+sequence from its own first token.
 """
 
 from __future__ import annotations
@@ -49,14 +50,29 @@ class OscarLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """A prompt is stored by the attention function (:meth:`store_prompt`), which sees the padding mask; a decode
+        step's tokens are appended here."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.prefilled = not self.cache.lengths.any() and key_states.shape[2] > 1
-        if self.prefilled:
-            self.cache.prefill(key_states, value_states)
-        else:
+        if not self.prefilled:
             self.cache.append(key_states, value_states)
         return key_states, value_states
+
+    def store_prompt(self, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Store a (left-padded) prompt: padding never enters the cache; each sequence's tokens start at its slot 0."""
+        tokens = key.shape[2]
+        if attention_mask is None:
+            self.cache.prefill(key, value)
+            return
+        allowed = attention_mask[:, 0, -1, :tokens]  # what the last prompt position may attend to
+        allowed = allowed if allowed.dtype == torch.bool else allowed == 0  # boolean or additive masks
+        pads = (~allowed).sum(-1)
+        if not torch.equal(allowed, torch.arange(tokens)[None, :] >= pads[:, None]):
+            raise NotImplementedError("oscar_cupy's cache takes left-padded prompts only (as generate makes them)")
+        index = (torch.arange(tokens)[None, :] + pads[:, None]).clamp(max=tokens - 1)  # shift each row left
+        index = index[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3])
+        self.cache.prefill(key.gather(2, index), value.gather(2, index), lengths=(tokens - pads).numpy())
 
     def get_seq_length(self) -> int:
         return int(self.cache.lengths.max()) if self.is_initialized else 0
@@ -100,6 +116,7 @@ def oscar_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     """The registered attention function: full precision at prefill, the packed cache at decode."""
     layer = module.oscar_cache.layers[module.layer_idx]
     if layer.prefilled:
+        layer.store_prompt(key, value, attention_mask)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     output = layer.cache.attend(query, scale=scaling)  # (batch, q_heads, q_len, head_dim)

@@ -88,3 +88,29 @@ def test_disable_restores_the_weights_bit_for_bit():
     after = model.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)
     assert model.config._attn_implementation != "oscar_cupy"
+
+
+def test_left_padded_batch_gives_each_sequence_its_own_logits():
+    model = tiny_model("llama")
+    config = oc.QuantConfig.preset("oscar-2", window=32)
+    short, long = torch.randint(1, 256, (1, 30)), torch.randint(1, 256, (1, 45))
+    batch = torch.cat([torch.cat([torch.zeros(1, 15, dtype=torch.long), short], 1), long])
+    mask = torch.cat([torch.cat([torch.zeros(1, 15, dtype=torch.long), torch.ones(1, 30, dtype=torch.long)], 1),
+                      torch.ones(1, 45, dtype=torch.long)])
+
+    def logits(ids, attention_mask):
+        cache = enable_oscar(model, config)
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=False,
+                                 past_key_values=cache, return_dict_in_generate=True, output_logits=True,
+                                 pad_token_id=0)
+        disable_oscar(model)
+        return torch.stack(out.logits, 1), out.sequences, cache
+
+    together, sequences, cache = logits(batch, mask)
+    assert cache.layers[0].cache.packed_lengths.tolist() == [32, 32]  # 30 + 11 and 45 + 11 tokens: one block each
+    assert cache.layers[0].cache.lengths.tolist() == [41, 56]  # no padding stored
+    for row, ids in enumerate((short, long)):
+        alone, alone_sequences, _ = logits(ids, torch.ones_like(ids))
+        assert torch.equal(sequences[row, -12:], alone_sequences[0, -12:])
+        torch.testing.assert_close(together[row], alone[0], rtol=1e-4, atol=1e-4)

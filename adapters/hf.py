@@ -107,6 +107,7 @@ class OscarCache(Cache):
         super().__init__(layers=[OscarLayer(config) for _ in range(num_layers)])
         self.config = config
 
+    @property
     def nbytes(self) -> int:
         """Bytes allocated by all layers."""
         return sum(layer.cache.nbytes for layer in self.layers if layer.is_initialized)

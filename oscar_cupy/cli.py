@@ -1,5 +1,7 @@
 """The command line: ``oscar-cupy <command>`` or ``python -m oscar_cupy <command>``.
 
+- ``demo`` (the default): a real model with a bf16 cache and with the OScaR cache, side by side
+  (:mod:`oscar_cupy.demo`); exit status 1 with a message when an asset or an option cannot be used.
 - ``check-kernels [--arch sm_80,sm_90] [--jobs N] [--resources]``: compile every kernel variant the library can launch
   with NVRTC (no GPU needed); exit status 1 if any fails.
 - ``info``: versions, NVRTC, GPUs and the kernel cache folder.
@@ -92,9 +94,46 @@ def info(args) -> int:
     return 0
 
 
+def demo(args) -> int:
+    from oscar_cupy import demo as demo_module
+    from oscar_cupy.assets import AssetError
+
+    if args.device != "cpu":
+        print("error: --device cuda needs the fused CUDA decode kernel, which this release does not have yet",
+              file=sys.stderr)
+        return 1
+    try:
+        runs = demo_module.run(args, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    except (AssetError, ValueError, ImportError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(demo_module.report(runs))
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
+    from oscar_cupy.config import PRESETS
+
     root = argparse.ArgumentParser(prog="oscar-cupy", description="INT2/INT4 KV caches with the OScaR method.")
     commands = root.add_subparsers(dest="command", metavar="command")
+    demo_parser = commands.add_parser("demo", help="a real model with a bf16 cache and with the OScaR cache (default)")
+    demo_parser.add_argument("--model", help="a transformers folder or a .gguf file (default: SmolLM2-135M-Instruct)")
+    demo_parser.add_argument("--text", default="austen:prideprejudice",
+                             help="austen:<book>, shakespeare:<text> or a .txt file (default: austen:prideprejudice)")
+    demo_parser.add_argument("--preset", default="oscar-2", choices=sorted(PRESETS), help="the quantized cache")
+    demo_parser.add_argument("--window", type=_positive, help="full-precision window / flush block (default 256)")
+    demo_parser.add_argument("--prompt-tokens", type=_positive, default=1024)
+    demo_parser.add_argument("--new-tokens", type=_positive, default=32)
+    demo_parser.add_argument("--eval-tokens", type=_positive, default=256, help="held-back tokens for perplexity")
+    demo_parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    demo_parser.set_defaults(run=demo)
     check = commands.add_parser("check-kernels", help="compile every kernel variant with NVRTC (no GPU needed)")
     check.add_argument("--arch", default="sm_80,sm_90", help="comma-separated GPU architectures (default sm_80,sm_90)")
     check.add_argument("--jobs", type=int, default=4, help="parallel compilations (default 4)")
@@ -105,10 +144,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    arguments = parser().parse_args(argv)
-    if arguments.command is None:
-        parser().print_help()
-        return 0
+    argv = sys.argv[1:] if argv is None else list(argv)
+    arguments = parser().parse_args(argv or ["demo"])
     if getattr(arguments, "jobs", 1) < 1:
         parser().error("--jobs must be at least 1")
     return arguments.run(arguments)

@@ -134,6 +134,7 @@ def enable_oscar(model, config: QuantConfig | None = None) -> OscarCache:
     major = int(transformers.__version__.split(".")[0])
     if major not in SUPPORTED_TRANSFORMERS:
         raise ImportError(f"oscar_cupy.adapters.hf supports transformers 5.x; this is {transformers.__version__}")
+    _check_full_attention(model.config)
     config = QuantConfig() if config is None else config
     attentions = _attention_modules(model)
     head_dim = attentions[0].head_dim
@@ -173,6 +174,18 @@ def disable_oscar(model) -> None:
     if hasattr(model, "oscar_attn_implementation"):
         model.set_attn_implementation(model.oscar_attn_implementation)
         del model.oscar_attn_implementation
+
+
+def _check_full_attention(model_config) -> None:
+    """``NotImplementedError`` for models with sliding-window or other non-full attention layers."""
+    layer_types = set(getattr(model_config, "layer_types", None) or ["full_attention"])
+    sliding = getattr(model_config, "sliding_window", None) and getattr(model_config, "use_sliding_window", True)
+    if sliding or layer_types != {"full_attention"}:
+        raise NotImplementedError(
+            f"this model has {'sliding-window' if sliding else ', '.join(sorted(layer_types))} attention layers; "
+            "oscar_cupy's adapter handles full-attention layers only so far (for a sliding window longer than your "
+            "sequences, set model.config.sliding_window = None first)"
+        )
 
 
 def _attention_modules(model) -> list:

@@ -114,3 +114,10 @@ def test_left_padded_batch_gives_each_sequence_its_own_logits():
         alone, alone_sequences, _ = logits(ids, torch.ones_like(ids))
         assert torch.equal(sequences[row, -12:], alone_sequences[0, -12:])
         torch.testing.assert_close(together[row], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_sliding_window_models_are_refused_clearly():
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.MistralConfig(**TINY, sliding_window=512))
+    with pytest.raises(NotImplementedError, match="sliding-window attention layers"):
+        enable_oscar(model)

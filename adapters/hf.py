@@ -9,12 +9,14 @@ model's attention runs through a registered attention function (``AttentionInter
 precision with transformers' SDPA function and then the layer packs whole flush blocks; a decode step appends to the
 window, attends with :meth:`LayerCache.attend` and flushes full windows.
 
-First step of the adapter (what remains is listed in the README): CPU tensors (the GPU needs the fused decode kernel),
-full-attention layers. Left-padded batches (as ``generate`` makes them) are stored without their padding, each
+CPU tensors use the reference backend; CUDA tensors (float16 or bfloat16 models) the fused decode kernel, on torch's
+current stream. Full-attention layers only (what remains is listed in the README). Left-padded batches (as ``generate`` makes them) are stored without their padding, each
 sequence from its own first token.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
@@ -68,11 +70,12 @@ class OscarLayer(CacheLayerMixin):
         allowed = attention_mask[:, 0, -1, :tokens]  # what the last prompt position may attend to
         allowed = allowed if allowed.dtype == torch.bool else allowed == 0  # boolean or additive masks
         pads = (~allowed).sum(-1)
-        if not torch.equal(allowed, torch.arange(tokens)[None, :] >= pads[:, None]):
+        positions = torch.arange(tokens, device=allowed.device)
+        if not torch.equal(allowed, positions[None, :] >= pads[:, None]):
             raise NotImplementedError("oscar_cupy's cache takes left-padded prompts only (as generate makes them)")
-        index = (torch.arange(tokens)[None, :] + pads[:, None]).clamp(max=tokens - 1)  # shift each row left
+        index = (positions[None, :] + pads[:, None]).clamp(max=tokens - 1)  # shift each row left
         index = index[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3])
-        self.cache.prefill(key.gather(2, index), value.gather(2, index), lengths=(tokens - pads).numpy())
+        self.cache.prefill(key.gather(2, index), value.gather(2, index), lengths=(tokens - pads).cpu().numpy())
 
     def get_seq_length(self) -> int:
         return int(self.cache.lengths.max()) if self.is_initialized else 0
@@ -121,7 +124,8 @@ def oscar_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     output = layer.cache.attend(query, scale=scaling)  # (batch, q_heads, q_len, head_dim)
-    layer.cache.flush()  # after the step's attention, as the method prescribes
+    with _torch_stream(query):
+        layer.cache.flush()  # after the step's attention, as the method prescribes
     return output.transpose(1, 2).contiguous(), None
 
 
@@ -205,6 +209,7 @@ def _fold_value_rotation(module, rotation: torch.Tensor, head_dim: int) -> None:
     the attention output is rotated back, in the weights."""
     with torch.no_grad():
         weight = module.v_proj.weight
+        rotation = rotation.to(weight.device)  # each layer where it lives (device_map="auto")
         blocks = weight.float().view(-1, head_dim, weight.shape[1])
         weight.copy_((rotation @ blocks).view_as(weight).to(weight.dtype))
         if module.v_proj.bias is not None:
@@ -213,6 +218,15 @@ def _fold_value_rotation(module, rotation: torch.Tensor, head_dim: int) -> None:
         weight = module.o_proj.weight
         blocks = weight.float().view(weight.shape[0], -1, head_dim)
         weight.copy_((blocks @ rotation.T).view_as(weight).to(weight.dtype))
+
+
+def _torch_stream(tensor: torch.Tensor):
+    """On a GPU, make torch's current stream (and the tensor's device) CuPy's for the work inside."""
+    if not tensor.is_cuda:
+        return contextlib.nullcontext()
+    from oscar_cupy.cuda_backend import launch_context
+
+    return launch_context(tensor.device.index, torch_stream=True)
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:

@@ -21,12 +21,14 @@ from __future__ import annotations
 import numpy as np
 
 from oscar_cupy.arrays import (
+    Kind,
     accept,
     as_float32,
     check_finite,
     check_float,
     check_lengths,
     check_rank,
+    device_of,
     on_gpu,
     same_kind,
 )
@@ -53,15 +55,15 @@ def decode_attention(q, qkv: QuantizedKV, window_k=None, window_v=None, lengths=
 
     Returns:
         ``(batch, q_heads, q_len, head_dim)`` in ``q``'s dtype and array kind (and the log-sum-exp if asked).
+
+    On a GPU (cupy arrays or CUDA tensors, on the current stream; torch's for tensors) the fused kernel of
+    :mod:`oscar_cupy.cuda_attention` runs: float16 or bfloat16 queries and window, rotation ``"hadamard"`` or
+    ``"none"``; queries and window are not checked for NaN/Inf there (no host synchronization). For repeated calls
+    with a reusable workspace (CUDA graphs), use :class:`oscar_cupy.cuda_attention.DecodePlan`.
     """
     if not isinstance(qkv, QuantizedKV):
         raise TypeError(f"qkv must be a QuantizedKV (from quantize_kv), got {type(qkv).__name__}")
     q_array, kind = accept(q, "q")
-    if on_gpu(q_array) or on_gpu(qkv.k_codes):
-        raise NotImplementedError(
-            "decode_attention runs on the CPU in this release; the fused CUDA decode kernel is not there yet: "
-            "pass CPU arrays and a QuantizedKV made from CPU arrays"
-        )
     check_float(q_array, "q")
     check_rank(q_array, "q", 4, Q_AXES)
     batch, q_heads, q_len, head_dim = q_array.shape
@@ -71,19 +73,28 @@ def decode_attention(q, qkv: QuantizedKV, window_k=None, window_v=None, lengths=
         )
     if q_heads % qkv.kv_heads:
         raise ValueError(f"q has {q_heads} heads, not a multiple of qkv's {qkv.kv_heads} KV heads")
-    check_finite(q_array, "q")
+    if device_of(q_array) != device_of(qkv.k_codes):
+        raise ValueError(f"q is on {device_of(q_array)} but qkv on {device_of(qkv.k_codes)}; move them to one device")
     window = _accept_window(window_k, window_v, lengths, q_array, kind, qkv)
     scale = 1.0 / np.sqrt(head_dim) if scale is None else scale
     if not np.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
 
-    output, lse = _attend(as_float32(q_array), qkv, window, np.float32(scale))
-    output = kind.wrap(output.astype(q_array.dtype))
+    if on_gpu(q_array):
+        from oscar_cupy import cuda_attention, cuda_backend
+
+        with cuda_backend.launch_context(q_array.device.id, torch_stream=kind is Kind.TORCH):
+            output, lse = cuda_attention.decode_attention(q_array, qkv, window, scale)
+    else:
+        check_finite(q_array, "q")
+        output, lse = _attend(as_float32(q_array), qkv, _window_float32(window), np.float32(scale))
+        output = output.astype(q_array.dtype)
+    output = kind.wrap(output)
     return (output, kind.wrap(lse)) if return_lse else output
 
 
 def _accept_window(window_k, window_v, lengths, q_array, kind, qkv):
-    """``(keys, values, lengths)`` as float32 arrays and int64 lengths, or ``None`` without a window."""
+    """``(keys, values, lengths)`` checked (backend arrays, host int64 lengths), or ``None`` without a window."""
     if window_k is None and window_v is None:
         if lengths is not None:
             raise ValueError("lengths counts window tokens, but no window_k/window_v was given")
@@ -104,7 +115,14 @@ def _accept_window(window_k, window_v, lengths, q_array, kind, qkv):
             )
     if v_array.shape != k_array.shape:
         raise ValueError(f"window_v has shape {tuple(v_array.shape)} but window_k has {tuple(k_array.shape)}")
-    window_lengths = check_lengths(lengths, "lengths", qkv.batch, k_array.shape[2])
+    return k_array, v_array, check_lengths(lengths, "lengths", qkv.batch, k_array.shape[2])
+
+
+def _window_float32(window):
+    """The CPU window as float32 ``(keys, values, lengths)`` with padding zeroed, after the finiteness checks."""
+    if window is None:
+        return None
+    k_array, v_array, window_lengths = window
     valid = (np.arange(k_array.shape[2])[None, :] < window_lengths[:, None])[:, None, :, None]
     check_finite(k_array, "window_k", valid)
     check_finite(v_array, "window_v", valid)

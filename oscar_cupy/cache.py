@@ -14,10 +14,12 @@ sequence's packed tokens would.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from oscar_cupy import layout
-from oscar_cupy.arrays import accept, check_float, check_rank, on_gpu, same_kind
+from oscar_cupy.arrays import Kind, accept, check_float, check_rank, on_gpu, same_kind
 from oscar_cupy.attention import decode_attention
 from oscar_cupy.config import QuantConfig
 from oscar_cupy.quantized_kv import KV_AXES, QuantizedKV, quantize_kv
@@ -91,40 +93,43 @@ class LayerCache:
         be empty (see :meth:`reset`); attend over the prompt in full precision before or after, as the model does."""
         if self.lengths.any():
             raise ValueError("prefill needs an empty cache; call reset() first, or append() to add tokens")
-        k_array, v_array = self._accept_kv(k, v)
-        tokens = k_array.shape[2]
-        lengths = np.full(self.batch, tokens, np.int64) if lengths is None else np.asarray(lengths, np.int64)
-        if lengths.shape != (self.batch,) or lengths.min(initial=0) < 0 or lengths.max(initial=0) > tokens:
-            raise ValueError(f"lengths must be {self.batch} integers in [0, {tokens}], got {lengths.tolist()}")
-        packed = lengths // self.config.window * self.config.window
-        if packed.any():
-            self._reserve(int(packed.max()))
-            self._write_packed(quantize_kv(k_array[:, :, : packed.max()], v_array[:, :, : packed.max()],
-                                           self.config, lengths=packed), np.arange(self.batch), np.zeros_like(packed))
-        self.packed_lengths = packed
-        for b in range(self.batch):
-            rest = int(lengths[b] - packed[b])
-            self._window_k[b, :, :rest] = k_array[b, :, packed[b] : lengths[b]]
-            self._window_v[b, :, :rest] = v_array[b, :, packed[b] : lengths[b]]
-        self.window_lengths = lengths - packed
+        k_array, v_array, kind = self._accept_kv(k, v)
+        with self._stream(kind):
+            tokens = k_array.shape[2]
+            lengths = np.full(self.batch, tokens, np.int64) if lengths is None else np.asarray(lengths, np.int64)
+            if lengths.shape != (self.batch,) or lengths.min(initial=0) < 0 or lengths.max(initial=0) > tokens:
+                raise ValueError(f"lengths must be {self.batch} integers in [0, {tokens}], got {lengths.tolist()}")
+            packed = lengths // self.config.window * self.config.window
+            if packed.any():
+                self._reserve(int(packed.max()))
+                prompt = quantize_kv(k_array[:, :, : packed.max()], v_array[:, :, : packed.max()], self.config,
+                                     lengths=packed)
+                self._write_packed(prompt, np.arange(self.batch), np.zeros_like(packed))
+            self.packed_lengths = packed
+            for b in range(self.batch):
+                rest = int(lengths[b] - packed[b])
+                self._window_k[b, :, :rest] = k_array[b, :, packed[b] : lengths[b]]
+                self._window_v[b, :, :rest] = v_array[b, :, packed[b] : lengths[b]]
+            self.window_lengths = lengths - packed
 
     def append(self, k, v) -> None:
         """Append ``k``, ``v`` ``(batch, kv_heads, n, head_dim)`` (n <= window tokens) after each sequence's tokens.
 
         A window that is full is packed first (normally :meth:`flush` did that after the previous step's attention).
         """
-        k_array, v_array = self._accept_kv(k, v)
-        count = k_array.shape[2]
-        if count > self.config.window:
-            raise ValueError(f"append takes at most window={self.config.window} tokens at a time, got {count}")
-        if (self.window_lengths + count > 2 * self.config.window).any():
-            self.flush()
-        # each sequence writes at its own window position, all in one indexed assignment: (B, count, Hk, D)
-        rows = self._xp.asarray(np.arange(self.batch)[:, None])
-        slots = self._xp.asarray(self.window_lengths[:, None] + np.arange(count)[None, :])
-        self._window_k[rows, :, slots] = k_array.swapaxes(1, 2)
-        self._window_v[rows, :, slots] = v_array.swapaxes(1, 2)
-        self.window_lengths = self.window_lengths + count
+        k_array, v_array, kind = self._accept_kv(k, v)
+        with self._stream(kind):
+            count = k_array.shape[2]
+            if count > self.config.window:
+                raise ValueError(f"append takes at most window={self.config.window} tokens at a time, got {count}")
+            if (self.window_lengths + count > 2 * self.config.window).any():
+                self.flush()
+            # each sequence writes at its own window position, all in one indexed assignment: (B, count, Hk, D)
+            rows = self._xp.asarray(np.arange(self.batch)[:, None])
+            slots = self._xp.asarray(self.window_lengths[:, None] + np.arange(count)[None, :])
+            self._window_k[rows, :, slots] = k_array.swapaxes(1, 2)
+            self._window_v[rows, :, slots] = v_array.swapaxes(1, 2)
+            self.window_lengths = self.window_lengths + count
 
     def flush(self) -> None:
         """Pack the oldest ``window`` tokens of every sequence whose window holds at least that many."""
@@ -159,9 +164,10 @@ class LayerCache:
         (:func:`oscar_cupy.decode_attention`): the queries are the last ``q_len`` tokens held, so append them first."""
         q_array, kind = accept(q, "q")
         window = int(self.window_lengths.max(initial=0))
-        result = decode_attention(q_array, self.packed(), self._window_k[:, :, :window],
-                                  self._window_v[:, :, :window], lengths=self.window_lengths, scale=scale,
-                                  return_lse=return_lse)
+        with self._stream(kind):
+            result = decode_attention(q_array, self.packed(), self._window_k[:, :, :window],
+                                      self._window_v[:, :, :window], lengths=self.window_lengths, scale=scale,
+                                      return_lse=return_lse)
         return tuple(kind.wrap(r) for r in result) if return_lse else kind.wrap(result)
 
     # -- batch editing ------------------------------------------------------------------------------------------
@@ -194,9 +200,17 @@ class LayerCache:
 
     # -- storage ------------------------------------------------------------------------------------------------
 
+    def _stream(self, kind: Kind):
+        """For a GPU cache, its device and the stream to work on: torch's current one for torch callers."""
+        if self._xp is np:
+            return contextlib.nullcontext()
+        from oscar_cupy import cuda_backend
+
+        return cuda_backend.launch_context(self._window_k.device.id, torch_stream=kind is Kind.TORCH)
+
     def _accept_kv(self, k, v):
         (k_array, k_kind), (v_array, v_kind) = accept(k, "k"), accept(v, "v")
-        same_kind([(k_array, k_kind), (v_array, v_kind)], ["k", "v"])
+        kind = same_kind([(k_array, k_kind), (v_array, v_kind)], ["k", "v"])
         for array, name in ((k_array, "k"), (v_array, "v")):
             check_float(array, name)
             check_rank(array, name, 4, KV_AXES)
@@ -206,7 +220,7 @@ class LayerCache:
                                  f"({self.batch}, {self.kv_heads}, tokens, {self.head_dim})")
             if on_gpu(array) != (self._xp is not np):
                 raise ValueError(f"{name} is on another device than the cache's storage")
-        return k_array, v_array
+        return k_array, v_array, kind
 
     def _allocate(self, tokens: int) -> dict:
         specs = layout.array_specs(self.config, self.batch, self.kv_heads, tokens, self.head_dim)

@@ -21,7 +21,7 @@ import tempfile
 import threading
 
 from oscar_cupy import nvrtc
-from oscar_cupy.config import BITS, HEAD_DIMS, SCALE_DTYPES
+from oscar_cupy.config import BITS, GROUP_SIZES, HEAD_DIMS, SCALE_DTYPES
 from oscar_cupy.raw_kernels import read_source
 
 DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
@@ -63,6 +63,31 @@ def rotate_variant(size: int, dtype: str) -> Variant:
     return Variant.of("rotate", HEAD_DIM=size, IN_DTYPE=dtype)
 
 
+DECODE_DTYPES = ("float16", "bfloat16")
+ROW_TILES = (1, 2)  # up to 8 or 16 query rows per KV head in one block
+
+
+def decode_variant(head_dim: int, bits: int, dtype: str, scale_dtype: str, value_group: int, row_tiles: int) -> Variant:
+    return Variant.of("decode", HEAD_DIM=head_dim, BITS=bits, IN_DTYPE=dtype, SCALE_DTYPE=scale_dtype,
+                      VALUE_GROUP=value_group, ROW_TILES=row_tiles,
+                      STAGES=decode_stages(decode_stage_bytes(head_dim, bits, scale_dtype, value_group)))
+
+
+def decode_stage_bytes(head_dim: int, bits: int, scale_dtype: str, value_group: int) -> int:
+    """Bytes of one step buffer of the decode kernel (``StepBuffer`` in ``raw_kernels/decode.cu``): 32 tokens' key rows,
+    value word rows, value scales and zeros, the key group's scales and the token norms."""
+    step, per_word, scale_bytes = 32, 32 // bits, 4 if scale_dtype == "float32" else 2
+    words = (step * head_dim // per_word + step // per_word * head_dim
+             + 2 * step * (head_dim // value_group) * scale_bytes // 4 + head_dim * scale_bytes // 4 + step)
+    return 4 * words
+
+
+def decode_stages(stage_bytes: int) -> int:
+    """Pipeline depth of the decode kernel: buffers per warp, as many as fit three blocks of four warps in an SM's
+    shared memory (two for the largest steps)."""
+    return 4 if stage_bytes <= 3072 else 3 if stage_bytes <= 5120 else 2
+
+
 def all_variants() -> list[Variant]:
     """Every variant the library can launch."""
     dtypes = list(DTYPE_CODES)
@@ -70,6 +95,11 @@ def all_variants() -> list[Variant]:
     for head_dim, bits, dtype, scale in itertools.product(HEAD_DIMS, BITS, dtypes, SCALE_DTYPES):
         variants += [quantize_variant(head_dim, bits, dtype, scale), dequantize_variant(head_dim, bits, dtype, scale)]
     variants += [rotate_variant(size, dtype) for size in HADAMARD_SIZES for dtype in dtypes]
+    for head_dim, bits, dtype, scale, group, tiles in itertools.product(
+        HEAD_DIMS, BITS, DECODE_DTYPES, SCALE_DTYPES, GROUP_SIZES, ROW_TILES
+    ):
+        if group <= head_dim:
+            variants.append(decode_variant(head_dim, bits, dtype, scale, group, tiles))
     return variants
 
 

@@ -1,0 +1,223 @@
+"""The CUDA decode attention over a packed cache and a full-precision window (``raw_kernels/decode.cu``).
+
+Two launches per call: ``decode_partial`` (split-KV: each block reads one split of one sequence's packed tokens, or one
+chunk of its window, for up to 16 query rows of one KV head, and writes an unnormalized partial output with its
+log-sum-exp statistics) and ``decode_combine`` (merges the splits exactly, rotates the packed part back, adds the window
+part). Nothing dequantized is ever written to memory.
+
+:class:`DecodePlan` is the plan/run split: a plan fixes the shapes, chooses the split count from the GPU's SM count and
+the longest sequence, and owns a reusable workspace and output, so :meth:`DecodePlan.run` allocates nothing, never
+synchronizes with the host and can be captured in a CUDA graph. Sequences longer than the plan's ``max_packed`` are
+still read whole (the last split runs to each sequence's end), only less evenly spread.
+
+Precision: keys and values enter the tensor cores as exact integer codes; the query times the key scales, and the
+probabilities times the value scales, are rounded to float16 (bfloat16 when the scales are bfloat16 or float32);
+products accumulate and the softmax runs in float32. Non-finite queries or window entries are not checked on the GPU
+(that would cost a host synchronization per step): they give NaN outputs, never a crash.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cupy
+import numpy as np
+
+from oscar_cupy import kernels, layout
+from oscar_cupy.config import QuantConfig
+from oscar_cupy.cuda_backend import dtype_name, hadamard_normalization
+
+THREADS = 128
+WARPS = THREADS // 32
+STEP = 32  # packed tokens per warp step
+WINDOW_CHUNK = 64  # window tokens per window split
+MAX_ROW_TILES = 2
+FUNC_SHARED_SIZE_BYTES, FUNC_NUM_REGS = 1, 4  # CUfunction_attribute
+
+
+class DecodePlan:
+    """Launch shape, kernels, workspace and outputs of decode attention for fixed shapes.
+
+    Args:
+        config: the packed cache's :class:`QuantConfig` (rotation ``"hadamard"`` or ``"none"``).
+        batch, q_heads, kv_heads, q_len, head_dim: the shapes; ``q_heads`` a multiple of ``kv_heads``.
+        dtype: ``float16`` or ``bfloat16``, the dtype of the queries, the window and the output.
+        max_packed: packed tokens of the longest sequence the plan is sized for.
+        max_window: window tokens of the longest window the plan is sized for (0: no window).
+        device_id: the CUDA device (default: the current one).
+        scale: softmax scale (default ``1 / sqrt(head_dim)``).
+    """
+
+    def __init__(self, config: QuantConfig, *, batch: int, q_heads: int, kv_heads: int, q_len: int, head_dim: int,
+                 dtype, max_packed: int, max_window: int = 0, device_id: int | None = None, scale=None):
+        if isinstance(config.rotation, np.ndarray):
+            raise NotImplementedError(
+                "decode attention on the GPU supports rotation='hadamard' or 'none'; a user rotation matrix runs on "
+                "the CPU reference only"
+            )
+        config.check_head_dim(head_dim)
+        name = dtype_name(dtype)
+        if name not in kernels.DECODE_DTYPES:
+            raise TypeError(f"q has dtype {np.dtype(dtype)}; decode attention on the GPU takes float16 or bfloat16")
+        if q_heads % kv_heads:
+            raise ValueError(f"q has {q_heads} heads, not a multiple of the cache's {kv_heads} KV heads")
+        self.config, self.dtype = config, np.dtype(dtype)
+        self.batch, self.q_heads, self.kv_heads, self.q_len, self.head_dim = batch, q_heads, kv_heads, q_len, head_dim
+        self.rows = q_heads // kv_heads * q_len  # query rows per KV head
+        self.row_tiles = 1 if self.rows <= 8 else MAX_ROW_TILES
+        rows_per_block = 8 * self.row_tiles
+        self.row_blocks = -(-self.rows // rows_per_block)
+        self.device_id = cupy.cuda.Device().id if device_id is None else device_id
+        self.scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+        if not math.isfinite(self.scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+
+        variant = kernels.decode_variant(head_dim, config.bits, name, config.scale_dtype, config.value_group,
+                                         self.row_tiles)
+        stage_bytes = kernels.decode_stage_bytes(head_dim, config.bits, config.scale_dtype, config.value_group)
+        self.shared_bytes = WARPS * kernels.decode_stages(stage_bytes) * stage_bytes  # the copy pipeline's buffers
+        with cupy.cuda.Device(self.device_id):
+            self._partial = kernels.function(variant, "decode_partial", self.device_id)
+            cupy.cuda.driver.funcSetAttribute(
+                self._partial.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, self.shared_bytes
+            )
+            slots = _resident_blocks(self._partial, self.shared_bytes, self.device_id)
+            self._combine = kernels.function(variant, "decode_combine", self.device_id)
+        steps = -(-max_packed // STEP)
+        units = batch * kv_heads * self.row_blocks
+        wanted = _split_count(units, slots, max_splits=-(-steps // WARPS)) if steps else 0  # >= a step per warp
+        self.split_steps = -(-steps // wanted) if steps else 1
+        self.packed_splits = -(-steps // self.split_steps) if steps else 0
+        self.window_splits = -(-max_window // WINDOW_CHUNK)
+        self.splits = self.packed_splits + self.window_splits
+        with cupy.cuda.Device(self.device_id):
+            partial_rows = units * self.splits * rows_per_block
+            self.partial_o = cupy.empty((partial_rows, head_dim), dtype=cupy.float32)
+            self.partial_ml = cupy.empty((partial_rows, 2), dtype=cupy.float32)
+            self.out = cupy.empty((batch, q_heads, q_len, head_dim), dtype=self.dtype)
+            self.lse = cupy.empty((batch, q_heads, q_len), dtype=cupy.float32)
+
+    def run(self, q, packed: dict, packed_lengths, window_k=None, window_v=None, window_lengths=None):
+        """Attention of ``q`` over the packed tokens and the window; returns the plan's ``(out, lse)`` arrays.
+
+        Args:
+            q: cupy ``(batch, q_heads, q_len, head_dim)`` of the plan's dtype, any strides with contiguous channels.
+            packed: the packed arrays (``k_codes`` ... ``norms``; :func:`oscar_cupy.layout.array_specs`), whole or
+                sliced along tokens from a larger storage (as :meth:`oscar_cupy.LayerCache.packed` hands them out).
+            packed_lengths: cupy int64 ``(batch,)``, packed tokens per sequence.
+            window_k, window_v: cupy ``(batch, kv_heads, window, head_dim)`` of the plan's dtype, or ``None``.
+            window_lengths: cupy int64 ``(batch,)``, valid window tokens per sequence (with a window).
+
+        ``out`` is ``(batch, q_heads, q_len, head_dim)`` in the plan's dtype and ``lse`` float32
+        ``(batch, q_heads, q_len)`` (natural log), both overwritten by the next run.
+        """
+        config = self.config
+        arrays, capacity = _storage(packed, config, self.head_dim)
+        norms = arrays.get("norms")
+        q, q_strides = _row_strides(q)
+        if window_k is None:
+            window_args = [np.uint64(0), np.int64(0), np.int64(0), np.int64(0)] * 2
+            window_lengths = None
+        else:
+            window_k, k_strides = _row_strides(window_k)
+            window_v, v_strides = _row_strides(window_v)
+            window_args = [window_k, *k_strides, window_v, *v_strides]
+        scale_log2 = np.float32(self.scale * math.log2(math.e))
+        rotate = np.int32(isinstance(config.rotation, str) and config.rotation == "hadamard")
+        normalization = hadamard_normalization(self.head_dim)
+        if self.splits:
+            self._partial(
+                (self.splits, self.batch * self.kv_heads, self.row_blocks), (THREADS,),
+                (q, *q_strides, arrays["k_codes"], arrays["k_scales"], arrays["k_zeros"], arrays["v_codes"],
+                 arrays["v_scales"], arrays["v_zeros"], norms if norms is not None else np.uint64(0),
+                 np.int32(0 if norms is None else norms.shape[1]), packed_lengths, np.int32(capacity),
+                 *window_args, window_lengths if window_lengths is not None else np.uint64(0),
+                 np.int32(self.kv_heads), np.int32(self.q_len), np.int32(self.rows), np.int32(config.key_group),
+                 np.int32(self.packed_splits), np.int32(self.split_steps), np.int32(self.window_splits),
+                 rotate, normalization, scale_log2, self.partial_o, self.partial_ml),
+                shared_mem=self.shared_bytes,
+            )
+        total_rows = self.batch * self.kv_heads * self.rows
+        self._combine(
+            (-(-total_rows // WARPS),), (THREADS,),
+            (self.partial_o, self.partial_ml, np.int32(self.packed_splits), np.int32(self.splits),
+             np.int32(self.kv_heads), np.int32(self.q_len), np.int32(self.rows), np.int32(self.row_blocks),
+             np.int64(total_rows), np.int32(rotate and config.rotate_values), normalization, self.out, self.lse),
+        )
+        return self.out, self.lse
+
+
+def _resident_blocks(function, shared_bytes: int, device_id: int) -> int:
+    """Blocks of ``decode_partial`` that the whole GPU holds at once (registers and shared memory permitting)."""
+    attributes = cupy.cuda.Device(device_id).attributes
+    registers = -(-cupy.cuda.driver.funcGetAttribute(FUNC_NUM_REGS, function.ptr) // 8) * 8 * THREADS
+    static_shared = cupy.cuda.driver.funcGetAttribute(FUNC_SHARED_SIZE_BYTES, function.ptr)
+    shared = shared_bytes + static_shared + 1024  # the driver reserves 1 KiB per block
+    per_sm = min(attributes["MaxRegistersPerMultiprocessor"] // registers,
+                 attributes["MaxSharedMemoryPerMultiprocessor"] // shared,
+                 attributes["MaxThreadsPerMultiProcessor"] // THREADS)
+    return max(1, per_sm) * attributes["MultiProcessorCount"]
+
+
+def _split_count(units: int, slots: int, max_splits: int) -> int:
+    """Splits per (sequence, KV head, row block): the fewest that fill whole waves of ``slots`` resident blocks well
+    (every split costs a partial result to write and merge; a last wave run half empty costs up to half the time)."""
+    best, best_efficiency = 1, 0.0
+    for splits in range(1, max(1, max_splits) + 1):
+        blocks = units * splits
+        waves = -(-blocks // slots)
+        efficiency = blocks / (waves * slots)  # busy fraction of the block slots over the waves
+        if efficiency > best_efficiency + 0.02:
+            best, best_efficiency = splits, efficiency
+        if blocks >= 4 * slots:
+            break
+    return best
+
+
+def _row_strides(x):
+    """``(x, element strides of its first three axes)``; a contiguous copy when the rows are not contiguous or not
+    aligned to 16 bytes."""
+    aligned = x.data.ptr % 16 == 0 and all(stride % 16 == 0 for stride in x.strides[:3])
+    if x.strides[3] != x.itemsize or not aligned:
+        x = cupy.ascontiguousarray(x)
+    return x, [np.int64(stride // x.itemsize) for stride in x.strides[:3]]
+
+
+def _storage(packed: dict, config: QuantConfig, head_dim: int):
+    """``(arrays, capacity)``: the packed arrays as laid out in a storage of ``capacity`` tokens (the kernels address
+    ``(sequence, head, token)`` through it); arrays laid out otherwise are copied."""
+    codes = packed["k_codes"]
+    batch, heads = codes.shape[:2]
+    capacity = codes.strides[1] // codes.strides[2] if codes.shape[2] else 0
+    if capacity and capacity % config.key_group == 0:
+        specs = layout.array_specs(config, batch, heads, capacity, head_dim)
+        if all(array.dtype == specs[name][1] and array.strides == _contiguous_strides(specs[name][0], array.itemsize)
+               for name, array in packed.items() if array is not None):
+            return {name: array for name, array in packed.items() if array is not None}, capacity
+    arrays = {name: cupy.ascontiguousarray(array) for name, array in packed.items() if array is not None}
+    return arrays, codes.shape[2]
+
+
+def _contiguous_strides(shape, itemsize: int) -> tuple:
+    strides, step = [], itemsize
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def decode_attention(q, qkv, window, scale):
+    """cupy ``(out, lse)`` of :func:`oscar_cupy.decode_attention` for cupy arguments (checked by the caller).
+
+    ``window`` is ``(window_k, window_v, lengths)`` with host int64 lengths, or ``None``.
+    """
+    batch, q_heads, q_len, head_dim = q.shape
+    max_window = 0 if window is None else int(window[2].max(initial=0))
+    plan = DecodePlan(qkv.config, batch=batch, q_heads=q_heads, kv_heads=qkv.kv_heads, q_len=q_len,
+                      head_dim=head_dim, dtype=q.dtype, max_packed=int(qkv.lengths.max(initial=0)),
+                      max_window=max_window, device_id=q.device.id, scale=scale)
+    packed_lengths = cupy.asarray(qkv.lengths, dtype=cupy.int64)
+    if window is None:
+        return plan.run(q, qkv.arrays(), packed_lengths)
+    window_k, window_v, lengths = window
+    return plan.run(q, qkv.arrays(), packed_lengths, window_k, window_v, cupy.asarray(lengths, dtype=cupy.int64))

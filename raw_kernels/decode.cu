@@ -1,0 +1,891 @@
+// Decode attention straight from the packed cache (oscar_cupy/layout.py) and the full-precision window: split-KV
+// partial results (decode_partial) merged by a combine step (decode_combine). The CPU definition is
+// oscar_cupy/attention.py (decode_attention); nothing here writes a dequantized cache anywhere.
+//
+// Compile-time parameters: HEAD_DIM (64, 128, 256), BITS (2, 4), IN_DTYPE (q and window: float16 or bfloat16),
+// SCALE_DTYPE, VALUE_GROUP (32, 64, 128), ROW_TILES (1: up to 8 query rows per KV head and block, 2: up to 16) and
+// STAGES (shared-memory buffers per warp of the packed path's copy pipeline; dynamic shared memory of
+// WARPS * STAGES * sizeof(StepBuffer) bytes, see oscar_cupy/cuda_attention.py).
+//
+// The math. Rows are the query rows of one KV head: (query head of the group, query position). For a packed token t of
+// key group g, with q the rotated query times softmax_scale * log2(e), s/z the key group's per-channel scale/zero, c the
+// codes and n_t the token norm, the base-2 logit is n_t * (sum_c (q_c s_c) c_tc + sum_c q_c z_c): the key scales are
+// folded into the query once per key group (q' = q * s) and the zeros into one bias per row and group, so the
+// tensor-core product Q' . C^T reads the raw codes. Values: with per-token scale/zero (s_t, z_t) of each value group,
+// sum_t p_t v_tc = sum_t (p_t s_t) c_tc + sum_t p_t z_t: the value scales are folded into the probabilities and the
+// zeros into a second small product. Codes become tensor-core operands with one shift, one lop3 and one subtraction per
+// pair (the magic-number trick: code | 1024.0 as float16 bits, minus 1024.0; 128.0 for bfloat16).
+//
+// Fragments (mma.m16n8k16, p = lane % 4, g = lane / 4). S = Q' C^T: A = Q' (16 rows x 16 channels), B = key codes
+// (16 channels x 8 tokens). O^T = V^T P^T: A = value codes (16 channels x 16 tokens), B = P^T (16 tokens x 8 rows), so
+// the C fragment of S (row g, tokens 2p, 2p+1) is already the B fragment of P^T. The channel order of the reduction and
+// the token order of each tile are chosen so that every lane reads its own contiguous bits:
+//   * keys: lane p reduces over channels [p D/4, (p+1) D/4), i.e. its own D*BITS/128 words of a key row;
+//   * a 32-token step has 4 key tiles of 8 tokens; column n of tile t is token 8 (n/2) + 2t + n%2, so lane p's C
+//     fragment (columns 2p, 2p+1 of all tiles) holds tokens 8p .. 8p+7 of the step: one value word row (4 bits) or half
+//     of one (2 bits), and 8 consecutive token norms and value scales;
+//   * value tile i (16 channels inside one 32-channel block) maps row m to channel 32 (i/2) + 4 (m%8) + 2 (i%2) + m/8,
+//     so lane g reads the 4 consecutive words 32 (i/2) + 4g .. +3 with one 16-byte load.
+#include "common.cuh"
+
+#define THREADS 128
+#define MIN_BLOCKS (ROW_TILES == 1 ? 3 : 2)  // blocks per SM the register budget aims at (3: no spills, measured)
+#define WARPS (THREADS / WARP)
+#define STEP 32                                  // tokens per warp step
+#define RPB (8 * ROW_TILES)                      // query rows per block
+#define KSTEPS (HEAD_DIM / 16)                   // reduction steps of S (16 channels each)
+#define KEY_WORDS (HEAD_DIM / PER_WORD)          // words per key row
+#define LANE_KEY_WORDS (KEY_WORDS / 4)           // of which a lane reads
+#define LANE_CHANNELS (HEAD_DIM / 4)             // key channels per lane
+#define PAIRS_PER_WORD (PER_WORD / 2)
+#define VALUE_TILES (HEAD_DIM / 16)
+#define VALUE_BLOCKS (HEAD_DIM / 32)
+#define VALUE_GROUPS (HEAD_DIM / VALUE_GROUP)
+#define Q_LANE_STRIDE (HEAD_DIM / 8 + 4)         // shared query pairs: padded so that LDS.128 of a warp is conflict-free
+#define Q_ROW_STRIDE (4 * Q_LANE_STRIDE + 32)
+#define PAIR_MASK (LEVELS | (LEVELS << 16))
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+#define NEG_INF __int_as_float(0xff800000)
+
+#if IN_DTYPE == DTYPE_F32
+#error "decode attention takes float16 or bfloat16 queries and windows"
+#endif
+
+// tensor-core operand type: float16 with float16 scales, bfloat16 otherwise (the range of bfloat16/float32 scales)
+#if SCALE_DTYPE == DTYPE_F16
+#define MMA_TYPE "f16"
+#define MAGIC 0x64006400u  // 1024.0 in both halves
+#else
+#define MMA_TYPE "bf16"
+#define MAGIC 0x43004300u  // 128.0 in both halves
+#endif
+
+struct alignas(16) Vec4 { u32 w[4]; };
+struct alignas(8) Vec2 { u32 w[2]; };
+
+// N consecutive 32-bit words from 4 * N-byte aligned global memory into registers
+template <int N>
+__device__ __forceinline__ void load_words(u32 (&out)[N], const void* source) {
+    if constexpr (N % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < N / 4; ++i) {
+            const Vec4 v = reinterpret_cast<const Vec4*>(source)[i];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) out[4 * i + k] = v.w[k];
+        }
+    } else if constexpr (N == 2) {
+        const Vec2 v = *reinterpret_cast<const Vec2*>(source);
+        out[0] = v.w[0];
+        out[1] = v.w[1];
+    } else {
+        static_assert(N == 1, "load_words takes 1, 2 or a multiple of 4 words");
+        out[0] = *reinterpret_cast<const u32*>(source);
+    }
+}
+
+// element `index` of scale values loaded as words
+template <int N>
+__device__ __forceinline__ scale_t scale_at(const u32 (&raw)[N], int index) {
+#if SCALE_DTYPE == DTYPE_F32
+    return __uint_as_float(raw[index]);
+#else
+    return (scale_t)(raw[index / 2] >> (16 * (index % 2)));
+#endif
+}
+
+// two floats as one operand pair (low half = lo)
+__device__ __forceinline__ u32 pack_pair(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn." MMA_TYPE "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// two stored scale values as one operand pair
+__device__ __forceinline__ u32 scale_pair(scale_t lo, scale_t hi) {
+#if SCALE_DTYPE == DTYPE_F32
+    return pack_pair(lo, hi);
+#else
+    return (u32)lo | ((u32)hi << 16);  // float16 scales with float16 operands, bfloat16 with bfloat16: same bits
+#endif
+}
+
+__device__ __forceinline__ u32 mul_pair(u32 a, u32 b) {
+    u32 r;
+#if SCALE_DTYPE == DTYPE_F16
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+#else
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(0x80008000u));  // a * b + (-0)
+#endif
+    return r;
+}
+
+// Codes as tensor-core operands with one lop3 per pair: the two codes of slot pair i (bits BITS i and BITS i + 16 of a
+// word) are or-ed into the mantissas of two copies of MAGIC, giving MAGIC + c * 2^(BITS k) exactly, where k = i % DIRECT
+// and the word is first shifted right by BITS * DIRECT * (i / DIRECT) (one shift per word and run of DIRECT pairs). The
+// factor 2^-(BITS k) is folded into the other operand (the query or the probabilities) and MAGIC * (sum of that
+// operand) is subtracted after the product (see fold_query and the value correction).
+#if SCALE_DTYPE == DTYPE_F16
+#define MAGIC_VALUE 1024.f
+#define MANTISSA_BITS 10
+#define ONE_PAIR 0x3c003c00u
+#else
+#define MAGIC_VALUE 128.f
+#define MANTISSA_BITS 7
+#define ONE_PAIR 0x3f803f80u
+#endif
+#define DIRECT ((MANTISSA_BITS - BITS) / BITS + 1)  // slot pairs whose bits fit in the mantissa without a shift
+
+__device__ __forceinline__ u32 code_pair(u32 word, int pair, u32 magic) {
+    u32 r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;"  // (a & b) | c
+        : "=r"(r) : "r"(word >> (BITS * DIRECT * (pair / DIRECT))), "r"(PAIR_MASK << (BITS * (pair % DIRECT))),
+          "r"(magic));
+    return r;
+}
+
+// MAGIC in a register the compiler cannot see through: with both constants immediate, each code pair's and-or would
+// take two instructions
+__device__ __forceinline__ u32 magic_register() {
+    u32 magic;
+    asm volatile("mov.b32 %0, %1;" : "=r"(magic) : "n"(MAGIC));
+    return magic;
+}
+
+// 2^-(BITS k) of slot pair `pair` as a float
+__device__ __forceinline__ float code_factor(int pair) { return __int_as_float((127 - BITS * (pair % DIRECT)) << 23); }
+
+__device__ __forceinline__ void mma(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// the packed path's pipeline: each warp copies its next steps into its own STAGES shared-memory buffers with cp.async
+// while it computes the current one. A step buffer holds, for 32 tokens, the key rows, the value word rows, the value
+// scales and zeros, the key group's scales and the token norms, each a contiguous stretch of the packed layout.
+
+#define STAGE_KEYS (STEP * KEY_WORDS)
+#define STAGE_VALUES (STEP / PER_WORD * HEAD_DIM)
+#define STAGE_VALUE_PARAMS (STEP * VALUE_GROUPS * (int)sizeof(scale_t) / 4)
+#define STAGE_KEY_SCALES (HEAD_DIM * (int)sizeof(scale_t) / 4)
+// byte offsets of the parts of a step buffer
+#define AT_VALUES (4 * STAGE_KEYS)
+#define AT_VALUE_SCALES (AT_VALUES + 4 * STAGE_VALUES)
+#define AT_VALUE_ZEROS (AT_VALUE_SCALES + 4 * STAGE_VALUE_PARAMS)
+#define AT_KEY_SCALES (AT_VALUE_ZEROS + 4 * STAGE_VALUE_PARAMS)
+#define AT_NORMS (AT_KEY_SCALES + 4 * STAGE_KEY_SCALES)
+
+struct alignas(16) StepBuffer {
+    u32 keys[STAGE_KEYS];
+    u32 values[STAGE_VALUES];
+    u32 value_scales[STAGE_VALUE_PARAMS];
+    u32 value_zeros[STAGE_VALUE_PARAMS];
+    u32 key_scales[STAGE_KEY_SCALES];
+    float norms[STEP];
+};
+
+__device__ __forceinline__ u32 shared_address(const void* pointer) {
+    u32 address;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(pointer));
+    return address;
+}
+
+// `words` (a multiple of 4) 16-byte aligned words from global memory to shared address `target`, over the warp's lanes
+__device__ __forceinline__ void copy_async(u32 target, const void* source, int words, int lane) {
+#pragma unroll
+    for (int i = 4 * lane; i < words; i += 4 * WARP)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
+                     :: "r"(target + 4 * i), "l"(reinterpret_cast<const u32*>(source) + i));
+}
+
+__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;"); }
+
+template <int PENDING>
+__device__ __forceinline__ void wait_copies() { asm volatile("cp.async.wait_group %0;" :: "n"(PENDING)); }
+
+// the first two accumulators (C fragment row g) only: rows g + 8 of A are zero or not needed
+__device__ __forceinline__ void mma_low(float (&d)[2], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    float unused0, unused1;
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." MMA_TYPE "." MMA_TYPE ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%10,%10};"
+        : "+f"(d[0]), "+f"(d[1]), "=f"(unused0), "=f"(unused1)
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.f));
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+// softmax state of the rows a lane holds: online maximum (base 2) and the lane's part of the sum
+struct RowState {
+    float max[ROW_TILES], sum[ROW_TILES];
+};
+
+struct SharedMemory {
+    union {
+        float q[RPB][HEAD_DIM];              // query rows, float32 (staging; the window path reads them)
+        float o[RPB][HEAD_DIM];              // then the merge of the warps' outputs
+    };
+    union {
+        struct {
+            u32 q_pairs[RPB * Q_ROW_STRIDE];       // packed path: rotated scaled query rows as operand pairs
+            u32 q_code_pairs[RPB * Q_ROW_STRIDE];  // the same times each channel's code factor
+        };
+        float probs[WARPS][RPB * WARP];      // window path: a warp's probabilities of 32 tokens
+    };
+    float row_max[WARPS][RPB], row_sum[WARPS][RPB];
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// packed path: one warp's contiguous run of 32-token steps
+
+struct PackedArgs {
+    const u32* k_codes; const scale_t* k_scales; const scale_t* k_zeros;
+    const u32* v_codes; const scale_t* v_scales; const scale_t* v_zeros;
+    const float* norms;       // this sequence's (and head's) norms, or null
+    i64 bh;                   // b * kv_heads + h
+    int capacity;             // token capacity of the storage (addressing)
+    int key_group_shift;      // log2(key group)
+};
+
+// the bias of 8 key groups g0 .. g0+7 for the lane's rows: C fragment (row g, group g0 + 2p + {0,1}; rows + 8)
+__device__ __forceinline__ void key_bias_block(float (&bias)[4], const PackedArgs& a, const u32* q_pairs, int g0,
+                                               int groups, int lane) {
+    const int p = lane % 4, g = lane / 4;
+    bias[0] = bias[1] = bias[2] = bias[3] = 0.f;
+    u32 zeros[LANE_CHANNELS / 2];
+    if (g0 + g < groups) {
+        const scale_t* z = a.k_zeros + (a.bh * groups + g0 + g) * HEAD_DIM + p * LANE_CHANNELS;
+#if SCALE_DTYPE == DTYPE_F32
+#pragma unroll
+        for (int n = 0; n < LANE_CHANNELS / 2; ++n) zeros[n] = pack_pair(z[2 * n], z[2 * n + 1]);
+#else
+        load_words(zeros, z);
+#endif
+    } else {
+#pragma unroll
+        for (int n = 0; n < LANE_CHANNELS / 2; ++n) zeros[n] = 0u;
+    }
+#pragma unroll
+    for (int j = 0; j < KSTEPS; ++j) {
+        const u32* row0 = q_pairs + g * Q_ROW_STRIDE + p * Q_LANE_STRIDE;
+        const u32* row1 = row0 + 8 * Q_ROW_STRIDE;
+        mma(bias, row0[2 * j], ROW_TILES > 1 ? row1[2 * j] : 0u, row0[2 * j + 1], ROW_TILES > 1 ? row1[2 * j + 1] : 0u,
+            zeros[2 * j], zeros[2 * j + 1]);
+    }
+}
+
+// copy step `step` (tokens first_step_token + 32 step ...) into the buffer at shared address `buffer`; one commit group
+// per step, empty or not
+__device__ __forceinline__ void stage_step(u32 buffer, const PackedArgs& a, int first_step_token, int step, int steps,
+                                           int lane) {
+    if (step < steps) {
+        const int t0 = first_step_token + step * STEP;
+        const i64 token_row = a.bh * a.capacity + t0;
+        const i64 group_row = (a.bh * a.capacity >> a.key_group_shift) + (t0 >> a.key_group_shift);
+        copy_async(buffer, a.k_codes + token_row * KEY_WORDS, STAGE_KEYS, lane);
+        copy_async(buffer + AT_VALUES, a.v_codes + token_row / PER_WORD * HEAD_DIM, STAGE_VALUES, lane);
+        copy_async(buffer + AT_VALUE_SCALES, a.v_scales + token_row * VALUE_GROUPS, STAGE_VALUE_PARAMS, lane);
+        copy_async(buffer + AT_VALUE_ZEROS, a.v_zeros + token_row * VALUE_GROUPS, STAGE_VALUE_PARAMS, lane);
+        copy_async(buffer + AT_KEY_SCALES, a.k_scales + group_row * HEAD_DIM, STAGE_KEY_SCALES, lane);
+        if (a.norms != nullptr) copy_async(buffer + AT_NORMS, a.norms + t0, STEP, lane);
+    }
+    commit_copies();
+}
+
+// a pair of 16-bit scale values from words holding them in order: elements `lo` and `hi`
+template <int N>
+__device__ __forceinline__ u32 scale_pair_at(const u32 (&raw)[N], int lo, int hi) {
+#if SCALE_DTYPE == DTYPE_F32
+    return pack_pair(__uint_as_float(raw[lo]), __uint_as_float(raw[hi]));
+#else
+    u32 r;
+    const u32 selector = (lo % 2 ? 0x32u : 0x10u) | (hi % 2 ? 0x7600u : 0x5400u);
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(raw[lo / 2]), "r"(raw[hi / 2]), "r"(selector));
+    return r;
+#endif
+}
+
+__device__ __forceinline__ void packed_run(const PackedArgs& a, const SharedMemory& shared, StepBuffer* buffers,
+                                           int first_step_token, int steps, const int (&limit)[ROW_TILES],
+                                           int warp_limit, int packed_end, int lane, RowState& state,
+                                           float (&out)[ROW_TILES][VALUE_TILES][4], float (&zero_acc)[ROW_TILES][2],
+                                           float (&correction)[ROW_TILES][VALUE_GROUPS][2]) {
+    const int p = lane % 4, g = lane / 4;
+    const int groups = a.capacity >> a.key_group_shift;
+    const u32 buffer0 = shared_address(buffers), magic = magic_register();
+#pragma unroll
+    for (int step = 0; step < STAGES - 1; ++step)
+        stage_step(buffer0 + step * (u32)sizeof(StepBuffer), a, first_step_token, step, steps, lane);
+    const u32* my_q0 = shared.q_code_pairs + g * Q_ROW_STRIDE + p * Q_LANE_STRIDE;
+    const u32* my_q1 = my_q0 + 8 * Q_ROW_STRIDE;
+    u32 q_scaled[ROW_TILES][LANE_CHANNELS / 2];
+    float bias_block[4], bias[ROW_TILES];
+    int current_group = -1, block_start = -1;
+    // the lane's value tokens 8p .. 8p+7 of the step: slot pairs 0-3 of word row p (4 bits), or of word row p / 2
+    // shifted right by 8 bits for odd p (2 bits: a word row holds 16 tokens, the odd lane's are in pairs 4-7)
+#if BITS == 2
+    const int word_row = p / 2, value_shift = 8 * (p % 2);
+#else
+    const int word_row = p, value_shift = 0;
+#endif
+
+    for (int step = 0; step < steps; ++step) {
+        const int stage = step % STAGES;
+        stage_step(buffer0 + ((step + STAGES - 1) % STAGES) * (u32)sizeof(StepBuffer), a, first_step_token,
+                   step + STAGES - 1, steps, lane);
+        wait_copies<STAGES - 1>();
+        __syncwarp();
+        const StepBuffer& buffer = buffers[stage];
+        const int t0 = first_step_token + step * STEP;
+        const int group = t0 >> a.key_group_shift;
+        if (group != current_group) {  // fold the key group's scales into the query, pick its bias
+            if (block_start < 0 || group >= block_start + 8) {
+                block_start = group;
+                key_bias_block(bias_block, a, shared.q_pairs, block_start, groups, lane);
+            }
+            const int slot = group - block_start, source = g * 4 + slot / 2;
+            bias[0] = __shfl_sync(0xffffffffu, slot % 2 ? bias_block[1] : bias_block[0], source);
+            const float b1 = __shfl_sync(0xffffffffu, slot % 2 ? bias_block[3] : bias_block[2], source);
+            if (ROW_TILES > 1) bias[ROW_TILES - 1] = b1;
+            u32 scales[LANE_CHANNELS / 2];
+            const scale_t* s = reinterpret_cast<const scale_t*>(buffer.key_scales) + p * LANE_CHANNELS;
+#if SCALE_DTYPE == DTYPE_F32
+#pragma unroll
+            for (int n = 0; n < LANE_CHANNELS / 2; ++n) scales[n] = pack_pair(s[2 * n], s[2 * n + 1]);
+#else
+            load_words(scales, s);
+#endif
+            float sum[ROW_TILES][2];
+#pragma unroll
+            for (int rt = 0; rt < ROW_TILES; ++rt) sum[rt][0] = sum[rt][1] = 0.f;
+#pragma unroll
+            for (int n = 0; n < LANE_CHANNELS / 2; ++n) {
+                q_scaled[0][n] = mul_pair(my_q0[n], scales[n]);
+                if (ROW_TILES > 1) q_scaled[ROW_TILES - 1][n] = mul_pair(my_q1[n], scales[n]);
+            }
+            // the sum of the query operand over all channels, exactly as the tensor cores see it: times MAGIC it is
+            // what the codes' offsets add to every logit of the row
+#pragma unroll
+            for (int j = 0; j < KSTEPS; ++j) {
+                mma_low(sum[0], q_scaled[0][2 * j], 0u, q_scaled[0][2 * j + 1], 0u, ONE_PAIR, ONE_PAIR);
+                if (ROW_TILES > 1)
+                    mma_low(sum[ROW_TILES - 1], q_scaled[ROW_TILES - 1][2 * j], 0u, q_scaled[ROW_TILES - 1][2 * j + 1],
+                            0u, ONE_PAIR, ONE_PAIR);
+            }
+#pragma unroll
+            for (int rt = 0; rt < ROW_TILES; ++rt) bias[rt] -= MAGIC_VALUE * sum[rt][0];
+            current_group = group;
+        }
+
+        // ---- S = Q' C^T over 4 tiles of 8 tokens
+        float logits[4][4];
+        {
+            u32 words[4][LANE_KEY_WORDS];
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                const int token = 8 * (lane / 8) + 2 * t + (g % 2);  // within the step
+                load_words(words[t], buffer.keys + token * KEY_WORDS + p * LANE_KEY_WORDS);
+            }
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                logits[t][0] = logits[t][1] = logits[t][2] = logits[t][3] = 0.f;
+#pragma unroll
+                for (int j = 0; j < KSTEPS; ++j) {
+                    const int n0 = 2 * j, n1 = 2 * j + 1;
+                    const u32 b0 = code_pair(words[t][n0 / PAIRS_PER_WORD], n0 % PAIRS_PER_WORD, magic);
+                    const u32 b1 = code_pair(words[t][n1 / PAIRS_PER_WORD], n1 % PAIRS_PER_WORD, magic);
+                    mma(logits[t], q_scaled[0][n0], ROW_TILES > 1 ? q_scaled[ROW_TILES - 1][n0] : 0u, q_scaled[0][n1],
+                        ROW_TILES > 1 ? q_scaled[ROW_TILES - 1][n1] : 0u, b0, b1);
+                }
+            }
+        }
+
+        // ---- logits: times the token norms, masked where needed; lane p holds tokens t0 + 8p + (2t + e)
+        float norm[8];
+        if (a.norms != nullptr) {
+            u32 bits[8];
+            load_words(bits, buffer.norms + 8 * p);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) norm[k] = __uint_as_float(bits[k]);
+        } else {
+#pragma unroll
+            for (int k = 0; k < 8; ++k) norm[k] = 1.f;
+        }
+        const bool full = t0 + STEP <= warp_limit;
+#pragma unroll
+        for (int rt = 0; rt < ROW_TILES; ++rt) {
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float x = norm[2 * t + e] * (logits[t][2 * rt + e] + bias[rt]);
+                    if (!full && t0 + 8 * p + 2 * t + e >= limit[rt]) x = NEG_INF;
+                    logits[t][2 * rt + e] = x;
+                }
+            }
+        }
+
+        // ---- online softmax (base 2)
+        float alpha[ROW_TILES];
+#pragma unroll
+        for (int rt = 0; rt < ROW_TILES; ++rt) {
+            float m = NEG_INF;
+#pragma unroll
+            for (int t = 0; t < 4; ++t) m = fmaxf(m, fmaxf(logits[t][2 * rt], logits[t][2 * rt + 1]));
+            const float m_new = fmaxf(state.max[rt], quad_max(m));
+            const float m_use = m_new == NEG_INF ? 0.f : m_new;
+            alpha[rt] = fast_exp2(state.max[rt] - m_use);
+            state.max[rt] = m_new;
+            float sum = 0.f;
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    logits[t][2 * rt + e] = fast_exp2(logits[t][2 * rt + e] - m_use);
+                    sum += logits[t][2 * rt + e];
+                }
+            }
+            state.sum[rt] = state.sum[rt] * alpha[rt] + sum;
+        }
+        bool rescale = alpha[0] != 1.f;
+        if (ROW_TILES > 1) rescale = rescale || alpha[ROW_TILES - 1] != 1.f;
+        if (__any_sync(0xffffffffu, rescale)) {  // O^T fragments hold rows 2p, 2p+1: take their factors
+#pragma unroll
+            for (int rt = 0; rt < ROW_TILES; ++rt) {
+                const float f0 = __shfl_sync(0xffffffffu, alpha[rt], (2 * p) * 4);
+                const float f1 = __shfl_sync(0xffffffffu, alpha[rt], (2 * p + 1) * 4);
+#pragma unroll
+                for (int i = 0; i < VALUE_TILES; ++i) {
+                    out[rt][i][0] *= f0; out[rt][i][1] *= f1; out[rt][i][2] *= f0; out[rt][i][3] *= f1;
+                }
+                zero_acc[rt][0] *= f0; zero_acc[rt][1] *= f1;
+#pragma unroll
+                for (int vg = 0; vg < VALUE_GROUPS; ++vg) { correction[rt][vg][0] *= f0; correction[rt][vg][1] *= f1; }
+            }
+        }
+
+        // ---- values of the lane's tokens t0 + 8p .. +7: scales (all groups), zeros (group g), codes
+        constexpr int param_words = 8 * VALUE_GROUPS * (int)sizeof(scale_t) / 4;
+        u32 v_scales[param_words];
+        load_words(v_scales, buffer.value_scales + p * param_words);
+        const scale_t* v_zeros = reinterpret_cast<const scale_t*>(buffer.value_zeros) + 8 * p * VALUE_GROUPS + g;
+        scale_t v_zero[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) v_zero[k] = g < VALUE_GROUPS ? v_zeros[k * VALUE_GROUPS] : (scale_t)0;
+        if (t0 + STEP > packed_end) {  // beyond the packed tokens the storage may hold anything: keep 0 * x finite
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                if (t0 + 8 * p + k >= packed_end) {
+                    v_zero[k] = (scale_t)0;
+#pragma unroll
+                    for (int vg = 0; vg < VALUE_GROUPS; ++vg) {
+                        const int element = k * VALUE_GROUPS + vg;
+#if SCALE_DTYPE == DTYPE_F32
+                        v_scales[element] = 0u;
+#else
+                        v_scales[element / 2] &= element % 2 ? 0x0000ffffu : 0xffff0000u;
+#endif
+                    }
+                }
+            }
+        }
+        u32 v_words[VALUE_BLOCKS][4];
+#pragma unroll
+        for (int blk = 0; blk < VALUE_BLOCKS; ++blk) {
+            load_words(v_words[blk], buffer.values + word_row * HEAD_DIM + 32 * blk + 4 * g);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) v_words[blk][k] >>= value_shift;
+        }
+
+        // ---- O^T += V^T (P S_v)^T, zeros Z^T P^T, offsets sum_t (P S_v)^T; two k-steps of 16 tokens
+#pragma unroll
+        for (int ks = 0; ks < 2; ++ks) {
+            u32 probs[ROW_TILES][2], scaled[ROW_TILES][VALUE_GROUPS][2];
+#pragma unroll
+            for (int rt = 0; rt < ROW_TILES; ++rt) {
+                probs[rt][0] = pack_pair(logits[2 * ks][2 * rt], logits[2 * ks][2 * rt + 1]);
+                probs[rt][1] = pack_pair(logits[2 * ks + 1][2 * rt], logits[2 * ks + 1][2 * rt + 1]);
+                const float f0 = code_factor(2 * ks), f1 = code_factor(2 * ks + 1);
+                const u32 folded0 = f0 == 1.f ? probs[rt][0] : mul_pair(probs[rt][0], pack_pair(f0, f0));
+                const u32 folded1 = f1 == 1.f ? probs[rt][1] : mul_pair(probs[rt][1], pack_pair(f1, f1));
+#pragma unroll
+                for (int vg = 0; vg < VALUE_GROUPS; ++vg) {
+                    const int k = 4 * ks;  // the lane's tokens k, k + 1 (b0) and k + 2, k + 3 (b1)
+                    scaled[rt][vg][0] = mul_pair(folded0, scale_pair_at(v_scales, k * VALUE_GROUPS + vg,
+                                                                         (k + 1) * VALUE_GROUPS + vg));
+                    scaled[rt][vg][1] = mul_pair(folded1, scale_pair_at(v_scales, (k + 2) * VALUE_GROUPS + vg,
+                                                                         (k + 3) * VALUE_GROUPS + vg));
+                    mma_low(correction[rt][vg], ONE_PAIR, ONE_PAIR, ONE_PAIR, ONE_PAIR, scaled[rt][vg][0],
+                            scaled[rt][vg][1]);
+                }
+            }
+#if SCALE_DTYPE == DTYPE_F32
+            const u32 z0 = pack_pair(v_zero[4 * ks], v_zero[4 * ks + 1]);
+            const u32 z1 = pack_pair(v_zero[4 * ks + 2], v_zero[4 * ks + 3]);
+#else
+            const u32 z0 = (u32)v_zero[4 * ks] | ((u32)v_zero[4 * ks + 1] << 16);
+            const u32 z1 = (u32)v_zero[4 * ks + 2] | ((u32)v_zero[4 * ks + 3] << 16);
+#endif
+#pragma unroll
+            for (int rt = 0; rt < ROW_TILES; ++rt) mma_low(zero_acc[rt], z0, 0u, z1, 0u, probs[rt][0], probs[rt][1]);
+            const int pair0 = 2 * ks;
+#pragma unroll
+            for (int i = 0; i < VALUE_TILES; ++i) {
+                const u32 word_a = v_words[i / 2][2 * (i % 2)], word_b = v_words[i / 2][2 * (i % 2) + 1];
+                const u32 a0 = code_pair(word_a, pair0, magic), a1 = code_pair(word_b, pair0, magic);
+                const u32 a2 = code_pair(word_a, pair0 + 1, magic), a3 = code_pair(word_b, pair0 + 1, magic);
+                const int vg = 32 * (i / 2) / VALUE_GROUP;
+#pragma unroll
+                for (int rt = 0; rt < ROW_TILES; ++rt)
+                    mma(out[rt][i], a0, a1, a2, a3, scaled[rt][vg][0], scaled[rt][vg][1]);
+            }
+        }
+        __syncwarp();  // the buffer is refilled next
+    }
+    wait_copies<0>();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// window path: full-precision keys and values on CUDA cores. A warp takes 32 window tokens at a time, a lane per token
+// for the logits of all rows, then a lane per channel group for the output: o[r][e] is row r, channel lane * E + e.
+
+#define LANE_ELEMENTS (HEAD_DIM / WARP)
+#define WINDOW_CHUNK (WARPS * WARP)  // window tokens per window split
+
+__device__ void window_run(const SharedMemory& shared, float* probs, const in_t* keys, i64 key_stride,
+                           const in_t* values, i64 value_stride, i64 first, i64 stop, const i64 (&end)[RPB],
+                           float scale_log2, int lane, float (&m)[RPB], float (&l)[RPB],
+                           float (&o)[RPB][LANE_ELEMENTS]) {
+    for (i64 start = first; start < stop; start += WINDOW_CHUNK) {
+        const i64 j = start + lane;  // this lane's token for the logits
+        float logit[RPB];
+#pragma unroll
+        for (int r = 0; r < RPB; ++r) logit[r] = 0.f;
+        if (j < stop) {
+#pragma unroll 4
+            for (int c = 0; c < HEAD_DIM; c += 8) {
+                u32 raw[4];
+                load_words(raw, keys + j * key_stride + c);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    const float key = in_to_f32((in_t)(raw[e / 2] >> (16 * (e % 2))));
+#pragma unroll
+                    for (int r = 0; r < RPB; ++r) logit[r] = fmaf(shared.q[r][c + e], key, logit[r]);
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < RPB; ++r) {
+            const float x = j < end[r] ? logit[r] * scale_log2 : NEG_INF;
+            float mx = x;
+#pragma unroll
+            for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+            const float m_new = fmaxf(m[r], mx), m_use = m_new == NEG_INF ? 0.f : m_new;
+            const float alpha = fast_exp2(m[r] - m_use), weight = fast_exp2(x - m_use);
+            l[r] = l[r] * alpha + weight;
+            m[r] = m_new;
+#pragma unroll
+            for (int e = 0; e < LANE_ELEMENTS; ++e) o[r][e] *= alpha;
+            probs[r * WARP + lane] = weight;
+        }
+        __syncwarp();
+        const int count = (int)min((i64)WARP, stop - start);  // tokens that exist (the rest may hold anything)
+#pragma unroll 4
+        for (int t = 0; t < count; ++t) {
+            u32 raw[LANE_ELEMENTS / 2];
+            load_words(raw, values + (start + t) * value_stride + lane * LANE_ELEMENTS);
+#pragma unroll
+            for (int e = 0; e < LANE_ELEMENTS; ++e) {
+                const float value = in_to_f32((in_t)(raw[e / 2] >> (16 * (e % 2))));
+#pragma unroll
+                for (int r = 0; r < RPB; ++r) o[r][e] = fmaf(probs[r * WARP + t], value, o[r][e]);
+            }
+        }
+        __syncwarp();
+    }
+}
+
+// the block's partial result: the warps' softmax statistics are in shared.row_max/row_sum; each warp adds its rows,
+// scaled to the block maximum, into shared.o through add(warp, factor_of_row), one warp after the other (a fixed
+// order: deterministic); then the block writes partial_o and partial_ml
+template <typename Add>
+__device__ __forceinline__ void merge_and_store(SharedMemory& shared, int warp, i64 block, Add add,
+                                                float* __restrict__ partial_o, float2* __restrict__ partial_ml) {
+    __syncthreads();
+    auto factor = [&](int w, int row) {
+        float block_max = NEG_INF;
+#pragma unroll
+        for (int v = 0; v < WARPS; ++v) block_max = fmaxf(block_max, shared.row_max[v][row]);
+        const float mine = shared.row_max[w][row];
+        return mine == NEG_INF ? 0.f : fast_exp2(mine - block_max);
+    };
+    for (int w = 0; w < WARPS; ++w) {
+        if (warp == w) add(w, factor);
+        __syncthreads();
+    }
+    for (int i = threadIdx.x; i < RPB * HEAD_DIM; i += THREADS)
+        partial_o[block * RPB * HEAD_DIM + i] = shared.o[i / HEAD_DIM][i % HEAD_DIM];
+    if (threadIdx.x < RPB) {
+        const int row = threadIdx.x;
+        float block_max = NEG_INF, sum = 0.f;
+#pragma unroll
+        for (int v = 0; v < WARPS; ++v) block_max = fmaxf(block_max, shared.row_max[v][row]);
+#pragma unroll
+        for (int v = 0; v < WARPS; ++v) sum += shared.row_sum[v][row] * factor(v, row);
+        partial_ml[block * RPB + row] = make_float2(block_max, sum);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Grid (packed_splits + window_splits, B * kv_heads, row blocks), THREADS threads. Packed split s covers tokens
+// [s * split_steps * 32, (s + 1) * split_steps * 32) of each sequence's packed part (the last one: to its end); window
+// split s covers window tokens [s * 128, (s + 1) * 128) (the last one: to the end). Each block writes RPB partial rows:
+// partial_o (unnormalized float32, rotated basis for packed splits) and partial_ml (base-2 max, sum), at
+// ((bh * row_blocks + rb) * splits + split) * RPB + row.
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial(
+    const in_t* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_sl,
+    const u32* __restrict__ k_codes, const scale_t* __restrict__ k_scales, const scale_t* __restrict__ k_zeros,
+    const u32* __restrict__ v_codes, const scale_t* __restrict__ v_scales, const scale_t* __restrict__ v_zeros,
+    const float* __restrict__ norms, int norm_heads, const i64* __restrict__ packed_lengths, int capacity,
+    const in_t* __restrict__ window_k, i64 wk_sb, i64 wk_sh, i64 wk_st,
+    const in_t* __restrict__ window_v, i64 wv_sb, i64 wv_sh, i64 wv_st, const i64* __restrict__ window_lengths,
+    int kv_heads, int q_len, int rows, int key_group, int packed_splits, int split_steps, int window_splits,
+    int rotate, float hadamard_normalization, float scale_log2, float* __restrict__ partial_o,
+    float2* __restrict__ partial_ml) {
+    __shared__ SharedMemory shared;
+    const int split = blockIdx.x, bh = blockIdx.y, rb = blockIdx.z;
+    const int b = bh / kv_heads, h = bh % kv_heads;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int group_size = rows / q_len;  // query heads per KV head
+    const int splits = packed_splits + window_splits;
+    const i64 packed = packed_lengths[b], windowed = window_lengths != nullptr ? window_lengths[b] : 0;
+    const bool packed_part = split < packed_splits;
+
+    // rows of this block: float32 query rows, times softmax_scale * log2(e); zeros beyond `rows`
+    for (int i = threadIdx.x; i < RPB * HEAD_DIM; i += THREADS) {
+        const int r = rb * RPB + i / HEAD_DIM, c = i % HEAD_DIM;
+        float x = 0.f;
+        if (r < rows) x = in_to_f32(q[b * q_sb + (i64)(h * group_size + r / q_len) * q_sh + (i64)(r % q_len) * q_sl + c]);
+        shared.q[i / HEAD_DIM][c] = x;
+    }
+    __syncthreads();
+    // the last visible position of a row (causal over the last q_len tokens): packed + windowed - q_len + position
+    auto row_end = [&](int local_row) -> i64 {
+        const int r = rb * RPB + local_row;
+        return packed + windowed - q_len + (r < rows ? r % q_len : q_len - 1) + 1;  // exclusive
+    };
+    const i64 block = ((i64)bh * gridDim.z + rb) * splits + split;
+
+    if (!packed_part) {
+        const int ws = split - packed_splits;
+        const i64 start = (i64)ws * WINDOW_CHUNK;
+        const i64 stop = ws == window_splits - 1 ? windowed : min(windowed, start + WINDOW_CHUNK);
+        float o[RPB][LANE_ELEMENTS], m[RPB], l[RPB];
+        i64 end[RPB];
+#pragma unroll
+        for (int r = 0; r < RPB; ++r) {
+            m[r] = NEG_INF;
+            l[r] = 0.f;
+            end[r] = min(stop, row_end(r) - packed);  // window tokens below this are visible to row r
+#pragma unroll
+            for (int e = 0; e < LANE_ELEMENTS; ++e) o[r][e] = 0.f;
+        }
+        window_run(shared, shared.probs[warp], window_k + b * wk_sb + h * wk_sh, wk_st, window_v + b * wv_sb + h * wv_sh,
+                   wv_st, start + warp * WARP, stop, end, scale_log2, lane, m, l, o);
+#pragma unroll
+        for (int r = 0; r < RPB; ++r) {
+            const float sum = row_sum(l[r], WARP);
+            if (lane == 0) {
+                shared.row_max[warp][r] = m[r];
+                shared.row_sum[warp][r] = sum;
+            }
+        }
+        merge_and_store(shared, warp, block, [&](int w, auto factor) {
+#pragma unroll
+            for (int r = 0; r < RPB; ++r) {
+                const float f = factor(w, r);
+#pragma unroll
+                for (int e = 0; e < LANE_ELEMENTS; ++e) {
+                    float* cell = &shared.o[r][lane * LANE_ELEMENTS + e];
+                    *cell = w == 0 ? o[r][e] * f : *cell + o[r][e] * f;
+                }
+            }
+        }, partial_o, partial_ml);
+        return;
+    }
+
+    // ---- packed path: rotate the query rows, scale, store as operand pairs in the lanes' channel order
+    for (int r = warp; r < RPB; r += WARPS) {
+        float x[LANE_ELEMENTS];
+#pragma unroll
+        for (int j = 0; j < LANE_ELEMENTS; ++j) x[j] = shared.q[r][lane * LANE_ELEMENTS + j];
+        if (rotate) fwht_row<HEAD_DIM, LANE_ELEMENTS>(x, lane, hadamard_normalization);
+#pragma unroll
+        for (int j = 0; j < LANE_ELEMENTS; j += 2) {
+            const int c = lane * LANE_ELEMENTS + j;  // channel pair c, c + 1 belongs to lane c / LANE_CHANNELS
+            const int index = r * Q_ROW_STRIDE + (c / LANE_CHANNELS) * Q_LANE_STRIDE + (c % LANE_CHANNELS) / 2;
+            const float f = code_factor((c % LANE_CHANNELS) / 2 % PAIRS_PER_WORD);  // its key slot pair's factor
+            shared.q_pairs[index] = pack_pair(x[j] * scale_log2, x[j + 1] * scale_log2);
+            shared.q_code_pairs[index] = pack_pair(x[j] * scale_log2 * f, x[j + 1] * scale_log2 * f);
+        }
+    }
+    __syncthreads();
+
+    const i64 split_start = (i64)split * split_steps * STEP;
+    const i64 split_stop = split == packed_splits - 1 ? packed : min(packed, split_start + (i64)split_steps * STEP);
+    const int steps = split_stop > split_start ? (int)((split_stop - split_start + STEP - 1) / STEP) : 0;
+    const int per_warp = (steps + WARPS - 1) / WARPS;
+    const int my_first = min(steps, warp * per_warp), my_steps = min(steps, my_first + per_warp) - my_first;
+
+    int limit[ROW_TILES];  // exclusive token limit of the lane's S rows g + 8 rt
+    int warp_limit = (int)split_stop;
+#pragma unroll
+    for (int rt = 0; rt < ROW_TILES; ++rt) {
+        limit[rt] = (int)min(split_stop, row_end(lane / 4 + 8 * rt));
+        int w = limit[rt];
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) w = min(w, __shfl_xor_sync(0xffffffffu, w, off));
+        warp_limit = min(warp_limit, w);
+    }
+
+    PackedArgs args;
+    args.k_codes = k_codes; args.k_scales = k_scales; args.k_zeros = k_zeros;
+    args.v_codes = v_codes; args.v_scales = v_scales; args.v_zeros = v_zeros;
+    args.norms = norms != nullptr ? norms + ((i64)b * norm_heads + (norm_heads == 1 ? 0 : h)) * capacity : nullptr;
+    args.bh = bh;
+    args.capacity = capacity;
+    args.key_group_shift = __ffs(key_group) - 1;
+
+    RowState state;
+    float out[ROW_TILES][VALUE_TILES][4], zero_acc[ROW_TILES][2], correction[ROW_TILES][VALUE_GROUPS][2];
+#pragma unroll
+    for (int rt = 0; rt < ROW_TILES; ++rt) {
+        state.max[rt] = NEG_INF;
+        state.sum[rt] = 0.f;
+        zero_acc[rt][0] = zero_acc[rt][1] = 0.f;
+#pragma unroll
+        for (int vg = 0; vg < VALUE_GROUPS; ++vg) correction[rt][vg][0] = correction[rt][vg][1] = 0.f;
+#pragma unroll
+        for (int i = 0; i < VALUE_TILES; ++i) out[rt][i][0] = out[rt][i][1] = out[rt][i][2] = out[rt][i][3] = 0.f;
+    }
+    extern __shared__ StepBuffer step_buffers[];  // STAGES per warp
+    packed_run(args, shared, step_buffers + warp * STAGES, (int)split_start + my_first * STEP, my_steps, limit,
+               warp_limit, (int)packed, lane, state, out, zero_acc, correction);
+
+    // ---- value zeros in, code offsets out: channel block blk is value group 32 blk / VALUE_GROUP; its zeros are held
+    // by lanes 4 vg + p
+    const int p = lane % 4, g = lane / 4;
+#pragma unroll
+    for (int rt = 0; rt < ROW_TILES; ++rt) {
+#pragma unroll
+        for (int blk = 0; blk < VALUE_BLOCKS; ++blk) {
+            const int vg = 32 * blk / VALUE_GROUP, source = vg * 4 + p;
+            const float z0 = __shfl_sync(0xffffffffu, zero_acc[rt][0], source) - MAGIC_VALUE * correction[rt][vg][0];
+            const float z1 = __shfl_sync(0xffffffffu, zero_acc[rt][1], source) - MAGIC_VALUE * correction[rt][vg][1];
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                out[rt][2 * blk + hh][0] += z0; out[rt][2 * blk + hh][1] += z1;
+                out[rt][2 * blk + hh][2] += z0; out[rt][2 * blk + hh][3] += z1;
+            }
+        }
+        state.sum[rt] += __shfl_xor_sync(0xffffffffu, state.sum[rt], 1);
+        state.sum[rt] += __shfl_xor_sync(0xffffffffu, state.sum[rt], 2);
+        if (p == 0) {
+            shared.row_max[warp][g + 8 * rt] = state.max[rt];
+            shared.row_sum[warp][g + 8 * rt] = state.sum[rt];
+        }
+    }
+    merge_and_store(shared, warp, block, [&](int w, auto factor) {
+#pragma unroll
+        for (int rt = 0; rt < ROW_TILES; ++rt) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int row = 8 * rt + 2 * p + e;
+                const float f = factor(w, row);
+#pragma unroll
+                for (int i = 0; i < VALUE_TILES; ++i) {
+                    const int channel = 32 * (i / 2) + 4 * g + 2 * (i % 2);
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        float* cell = &shared.o[row][channel + half];
+                        const float x = out[rt][i][2 * half + e] * f;
+                        *cell = w == 0 ? x : *cell + x;
+                    }
+                }
+            }
+        }
+    }, partial_o, partial_ml);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Grid ceil(B * kv_heads * rows / WARPS), THREADS threads: a warp merges the splits of one query row, rotates the packed
+// part back (unrotate), adds the window part, normalizes and writes out (B, q_heads, q_len, D) contiguous in the
+// query dtype and lse (B, q_heads, q_len) float32 (natural log; -inf and a zero row where nothing is visible).
+extern "C" __global__ void __launch_bounds__(THREADS) decode_combine(
+    const float* __restrict__ partial_o, const float2* __restrict__ partial_ml, int packed_splits, int splits,
+    int kv_heads, int q_len, int rows, int row_blocks, i64 total_rows, int unrotate, float hadamard_normalization,
+    in_t* __restrict__ out, float* __restrict__ lse) {
+    const int lane = threadIdx.x % WARP;
+    const i64 index = (i64)blockIdx.x * WARPS + threadIdx.x / WARP;
+    if (index >= total_rows) return;
+    const i64 bh = index / rows;
+    const int r = (int)(index % rows), rb = r / RPB;
+    const i64 first = ((bh * row_blocks + rb) * splits) * RPB + r % RPB;  // row of split 0; split s at + s * RPB
+
+    float m = NEG_INF;
+    for (int s = lane; s < splits; s += WARP) m = fmaxf(m, partial_ml[first + (i64)s * RPB].x);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    float sum = 0.f;
+    for (int s = lane; s < splits; s += WARP) {
+        const float2 ml = partial_ml[first + (i64)s * RPB];
+        if (ml.x != NEG_INF) sum += ml.y * fast_exp2(ml.x - m);
+    }
+    sum = row_sum(sum, WARP);
+
+    float packed[LANE_ELEMENTS], window[LANE_ELEMENTS];
+#pragma unroll
+    for (int e = 0; e < LANE_ELEMENTS; ++e) packed[e] = window[e] = 0.f;
+    // 32 splits at a time: lane s computes split s's factor, then every lane adds the 32 partial rows of its channels
+    // (independent loads, many in flight)
+    for (int base = 0; base < splits; base += WARP) {
+        float factor = 0.f;
+        if (base + lane < splits) {
+            const float split_max = partial_ml[first + (i64)(base + lane) * RPB].x;
+            factor = split_max == NEG_INF ? 0.f : fast_exp2(split_max - m);
+        }
+        const int count = min(WARP, splits - base);
+#pragma unroll 8
+        for (int k = 0; k < count; ++k) {
+            const float f = __shfl_sync(0xffffffffu, factor, k);
+            const int s = base + k;
+            const float* o = partial_o + (first + (i64)s * RPB) * HEAD_DIM + lane * LANE_ELEMENTS;
+#pragma unroll
+            for (int e = 0; e < LANE_ELEMENTS; ++e) {
+                if (s < packed_splits) packed[e] = fmaf(o[e], f, packed[e]);
+                else window[e] = fmaf(o[e], f, window[e]);
+            }
+        }
+    }
+    if (unrotate) fwht_row<HEAD_DIM, LANE_ELEMENTS>(packed, lane, hadamard_normalization);
+    const float inverse = sum > 0.f ? 1.f / sum : 0.f;
+    const int group_size = rows / q_len;
+    const i64 b = bh / kv_heads;
+    const i64 head = (bh % kv_heads) * group_size + r / q_len;
+    const i64 out_row = (b * kv_heads * group_size + head) * q_len + r % q_len;
+#pragma unroll
+    for (int e = 0; e < LANE_ELEMENTS; ++e)
+        out[out_row * HEAD_DIM + lane * LANE_ELEMENTS + e] = f32_to_in((packed[e] + window[e]) * inverse);
+    if (lane == 0) lse[out_row] = sum > 0.f ? (m + __log2f(sum)) * LN2 : NEG_INF;
+}

@@ -1,0 +1,258 @@
+"""The fused CUDA decode attention against the CPU reference (oscar_cupy.decode_attention on numpy arrays).
+
+Outputs and log-sum-exps must agree within float tolerance on fresh random data and on real SmolLM2 K/V and queries,
+for every supported combination of head_dim, bits, groups, dtypes, GQA ratio and query length, and on the edge cases
+(length 1, lengths off the group and block grid, empty packed part, empty window, mixed lengths). Outputs are
+poisoned (the memory pool is filled with 0xFF bytes, NaN) before each launch, so a value the kernels do not write fails.
+
+Skipped without cupy and a GPU; run on the device machine (see bench/results/cuda_tests.md).
+"""
+
+import dataclasses
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import random_kv
+
+import oscar_cupy as oc
+
+cupy = pytest.importorskip("cupy")
+try:
+    GPUS = cupy.cuda.runtime.getDeviceCount()
+except cupy.cuda.runtime.CUDARuntimeError:
+    GPUS = 0
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPUS == 0, reason="no CUDA GPU")]
+
+from oscar_cupy.cuda_attention import DecodePlan  # noqa: E402  (needs cupy)
+
+REAL_KV = os.environ.get("OSCAR_REAL_KV", ".assets/smollm2_kv.npz")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+# relative error of the output (Frobenius norm over a whole case): the bound of the issue in bfloat16, tighter in
+# float16 with float16 scales (the tensor-core operands are float16 then; bfloat16 with bfloat16 or float32 scales)
+TOLERANCE = {np.dtype(np.float16): 4e-3, BF16: 1e-2}
+BF16_OPERANDS = 2e-2  # bfloat16 or float32 scales: bfloat16 operands (8 significant bits), for their range
+
+
+def tolerance(dtype, config) -> float:
+    return TOLERANCE[np.dtype(dtype)] if config.scale_dtype == "float16" else BF16_OPERANDS
+
+
+def poison_memory_pool():
+    """Fill and release a large block so that the next allocations start as 0xFF bytes (NaN)."""
+    block = cupy.empty(1 << 28, dtype=cupy.uint8)
+    block.fill(0xFF)
+    del block
+
+
+def to_gpu(qkv):
+    """The same QuantizedKV with its arrays on the GPU."""
+    arrays = {name: cupy.asarray(array) for name, array in qkv.arrays().items()}
+    arrays.setdefault("norms", None)
+    return dataclasses.replace(qkv, **arrays)
+
+
+def relative_error(result, reference) -> float:
+    result, reference = result.astype(np.float64), reference.astype(np.float64)
+    return float(np.linalg.norm(result - reference) / max(np.linalg.norm(reference), 1e-30))
+
+
+def check_case(q, qkv, window_k=None, window_v=None, lengths=None, scale=None):
+    """GPU output and lse against the CPU reference on the same packed arrays; returns the relative error."""
+    reference, reference_lse = oc.decode_attention(q, qkv, window_k, window_v, lengths=lengths, scale=scale,
+                                                   return_lse=True)
+    window = () if window_k is None else (cupy.asarray(window_k), cupy.asarray(window_v))
+    poison_memory_pool()
+    result, lse = oc.decode_attention(cupy.asarray(q), to_gpu(qkv), *window, lengths=lengths, scale=scale,
+                                      return_lse=True)
+    result, lse = cupy.asnumpy(result), cupy.asnumpy(lse)
+    assert result.dtype == q.dtype and result.shape == q.shape
+    assert np.isfinite(result.astype(np.float32)).all()
+    error = relative_error(result, reference)
+    assert error <= tolerance(q.dtype, qkv.config), error
+    seen = np.isfinite(reference_lse)
+    np.testing.assert_array_equal(np.isfinite(lse), seen)
+    lse_tolerance = 2e-2 if qkv.config.scale_dtype == "float16" else 6e-2
+    np.testing.assert_allclose(lse[seen], reference_lse[seen], atol=lse_tolerance, rtol=1e-3)
+    np.testing.assert_array_equal(result[~seen].astype(np.float32), 0)  # rows that see nothing are zero
+    return error
+
+
+def make_case(rng, *, batch=2, kv_heads=2, group=4, q_len=1, head_dim=128, packed=(300, 129), window=(20, 7),
+              dtype=BF16, config=None):
+    """Random queries, a packed cache of `packed[b]` tokens and a window of `window[b]` tokens (capacity max + 3)."""
+    config = config or oc.QuantConfig()
+    tokens = max(max(packed), 1)
+    k, v = random_kv(rng, batch=batch, kv_heads=kv_heads, tokens=tokens, head_dim=head_dim, dtype=dtype)
+    qkv = oc.quantize_kv(k, v, config, lengths=list(packed))
+    q = (rng.standard_normal((batch, kv_heads * group, q_len, head_dim)) * 2).astype(dtype)
+    if window is None:
+        return q, qkv, None, None, None
+    window_k, window_v = random_kv(rng, batch=batch, kv_heads=kv_heads, tokens=max(window) + 3, head_dim=head_dim,
+                                   dtype=dtype)
+    window_k[:, :, max(window):] = np.nan  # padding of the window is never read
+    return q, qkv, window_k, window_v, list(window)
+
+
+CONFIGS = [
+    oc.QuantConfig(),
+    oc.QuantConfig(bits=4),
+    oc.QuantConfig(key_group=128, value_group=128),
+    oc.QuantConfig(bits=4, key_group=64, value_group=64, token_scaling="l2_per_head"),
+    oc.QuantConfig(rotation="none", token_scaling="none"),  # KIVI
+    oc.QuantConfig(rotate_values=False),
+    oc.QuantConfig(scale_dtype="bfloat16"),
+    oc.QuantConfig(bits=4, scale_dtype="float32", key_group=64),
+]
+
+
+def describe(config):
+    return (f"{config.bits}b-k{config.key_group}-v{config.value_group}-{config.token_scaling}-{config.rotation}"
+            f"-rv{int(config.rotate_values)}-{config.scale_dtype}")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BF16], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("config", CONFIGS, ids=describe)
+def test_matches_cpu(rng, dtype, head_dim, config):
+    if config.value_group > head_dim:
+        pytest.skip("value group larger than head_dim")
+    check_case(*make_case(rng, head_dim=head_dim, dtype=dtype, config=config))
+
+
+@pytest.mark.parametrize("group", [1, 3, 4, 8, 16])
+@pytest.mark.parametrize("q_len", [1, 2, 8])
+def test_gqa_ratios_and_query_lengths(rng, group, q_len):
+    check_case(*make_case(rng, group=group, q_len=q_len, head_dim=128, packed=(520, 257), window=(9, 3)))
+
+
+@pytest.mark.parametrize("packed, window", [
+    ((1, 1), (1, 1)),  # length 1
+    ((33, 95), (0, 5)),  # off the group grid, one empty window
+    ((0, 0), (12, 30)),  # empty packed part
+    ((0, 64), (0, 3)),  # a sequence with nothing packed and an empty window
+    ((256, 512), None),  # no window
+    ((4096, 17), (1, 0)),  # very different lengths in one batch
+])
+def test_edge_cases(rng, packed, window):
+    check_case(*make_case(rng, packed=packed, window=window))
+
+
+def test_causal_queries_that_reach_into_the_packed_part(rng):
+    """q_len 8 with windows shorter than 8: the first queries must not see the last packed tokens."""
+    check_case(*make_case(rng, q_len=8, packed=(64, 100), window=(3, 0)))
+
+
+def test_long_context_many_splits(rng):
+    check_case(*make_case(rng, batch=1, kv_heads=8, group=4, packed=(32768,), window=(200,)))
+
+
+def test_scale(rng):
+    check_case(*make_case(rng), scale=0.3)
+
+
+def test_real_model_kv():
+    if not os.path.exists(REAL_KV):
+        pytest.skip(f"{REAL_KV} not found (make it with bench/dump_kv.py)")
+    dump = np.load(REAL_KV)
+    keys, values, queries = dump["keys"], dump["values"], dump["queries"]  # queries: the last 256 positions
+    tokens, window = keys.shape[3], 256
+    errors = []
+    for layer in range(keys.shape[0]):
+        k, v = keys[layer].astype(BF16), values[layer].astype(BF16)
+        for config in (oc.QuantConfig(), oc.QuantConfig(bits=4), oc.QuantConfig(rotation="none", token_scaling="none")):
+            qkv = oc.quantize_kv(k[:, :, : tokens - window], v[:, :, : tokens - window], config)
+            q = queries[layer][:, :, -8:].astype(BF16)  # the last 8 positions: causal over the window's end
+            errors.append(check_case(q, qkv, k[:, :, tokens - window :], v[:, :, tokens - window :]))
+    assert max(errors) <= 1e-2
+
+
+def test_layer_cache_views_and_torch_stream(rng):
+    """LayerCache.attend on the GPU (storage larger than the tokens, window views) equals the CPU cache's; torch
+    tensors come back as tensors, computed on torch's current stream."""
+    torch = pytest.importorskip("torch")
+    from oscar_cupy.cache import LayerCache
+
+    config = oc.QuantConfig(window=64)
+    k, v = random_kv(rng, batch=2, kv_heads=2, tokens=700, head_dim=128, dtype=np.float16)
+    q = rng.standard_normal((2, 8, 1, 128)).astype(np.float16)
+    cpu = LayerCache(config, 2, 2, 128, np.float16)
+    gpu = LayerCache(config, 2, 2, 128, np.float16, like=cupy.asarray(k))
+    for cache, convert in ((cpu, np.asarray), (gpu, cupy.asarray)):
+        cache.prefill(convert(k[:, :, :600]), convert(v[:, :, :600]), lengths=[600, 333])
+        cache.append(convert(k[:, :, 600:664]), convert(v[:, :, 600:664]))
+        cache.flush()  # grows the storage by doubling
+        cache.append(convert(k[:, :, 664:665]), convert(v[:, :, 664:665]))
+    assert gpu.capacity > int(gpu.packed_lengths.max())  # a view into a larger storage
+    reference = cpu.attend(q)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        result = gpu.attend(torch.from_numpy(q).cuda())
+    stream.synchronize()
+    assert isinstance(result, torch.Tensor) and result.dtype == torch.float16
+    assert relative_error(result.cpu().numpy(), reference) <= TOLERANCE[np.dtype(np.float16)]
+
+
+def test_strided_queries_as_transformers_hands_them(rng):
+    q, qkv, wk, wv, lengths = make_case(rng, group=3, q_len=2)
+    q_bthd = cupy.asarray(np.ascontiguousarray(q.transpose(0, 2, 1, 3)))
+    reference = oc.decode_attention(q, qkv, wk, wv, lengths=lengths)
+    result = oc.decode_attention(q_bthd.transpose(0, 2, 1, 3), to_gpu(qkv), cupy.asarray(wk), cupy.asarray(wv),
+                                 lengths=lengths)
+    assert relative_error(cupy.asnumpy(result), reference) <= TOLERANCE[BF16]
+
+
+def test_plan_reuse_and_cuda_graph_capture(rng):
+    """A plan runs again with other data and inside a captured CUDA graph, with no allocation or host sync."""
+    q, qkv, wk, wv, lengths = make_case(rng, packed=(700, 300), window=(50, 60))
+    gpu_qkv = to_gpu(qkv)
+    plan = DecodePlan(qkv.config, batch=2, q_heads=8, kv_heads=2, q_len=1, head_dim=128, dtype=BF16,
+                      max_packed=1024, max_window=64)
+    q_gpu, wk_gpu, wv_gpu = cupy.asarray(q), cupy.asarray(wk), cupy.asarray(wv)
+    packed_lengths = cupy.asarray(qkv.lengths)
+    window_lengths = cupy.asarray(np.asarray(lengths, np.int64))
+    reference = oc.decode_attention(q, qkv, wk, wv, lengths=lengths)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        plan.run(q_gpu, gpu_qkv.arrays(), packed_lengths, wk_gpu, wv_gpu, window_lengths)  # warm: modules loaded
+        plan.out.fill(cupy.nan)
+        stream.begin_capture()
+        plan.run(q_gpu, gpu_qkv.arrays(), packed_lengths, wk_gpu, wv_gpu, window_lengths)
+        graph = stream.end_capture()
+        graph.launch()
+    stream.synchronize()
+    assert relative_error(cupy.asnumpy(plan.out), reference) <= TOLERANCE[BF16]
+    q_gpu[...] = cupy.asarray(q[:, ::-1].copy())  # new data in the same buffers: the graph reads it
+    with stream:
+        graph.launch()
+    stream.synchronize()
+    reference = oc.decode_attention(q[:, ::-1].copy(), qkv, wk, wv, lengths=lengths)
+    assert relative_error(cupy.asnumpy(plan.out), reference) <= TOLERANCE[BF16]
+
+
+def test_plan_sized_for_fewer_tokens_still_reads_everything(rng):
+    q, qkv, wk, wv, lengths = make_case(rng, packed=(2000, 1500), window=(100, 130))
+    plan = DecodePlan(qkv.config, batch=2, q_heads=8, kv_heads=2, q_len=1, head_dim=128, dtype=BF16, max_packed=256,
+                      max_window=64)
+    out, _ = plan.run(cupy.asarray(q), to_gpu(qkv).arrays(), cupy.asarray(qkv.lengths), cupy.asarray(wk),
+                      cupy.asarray(wv), cupy.asarray(np.asarray(lengths, np.int64)))
+    reference = oc.decode_attention(q, qkv, wk, wv, lengths=lengths)
+    assert relative_error(cupy.asnumpy(out), reference) <= TOLERANCE[BF16]
+
+
+def test_inputs_untouched_and_clear_errors(rng):
+    q, qkv, wk, wv, lengths = make_case(rng)
+    gpu_qkv = to_gpu(qkv)
+    q_gpu, wk_gpu = cupy.asarray(q), cupy.asarray(wk)
+    before = [cupy.asnumpy(a).copy() for a in (q_gpu, wk_gpu, gpu_qkv.k_codes, gpu_qkv.v_scales)]
+    oc.decode_attention(q_gpu, gpu_qkv, wk_gpu, cupy.asarray(wv), lengths=lengths)
+    for array, saved in zip((q_gpu, wk_gpu, gpu_qkv.k_codes, gpu_qkv.v_scales), before):
+        np.testing.assert_array_equal(cupy.asnumpy(array).view(np.uint8), saved.view(np.uint8))
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        oc.decode_attention(q_gpu.astype(cupy.float32), gpu_qkv)
+    with pytest.raises(ValueError, match="q is on cpu but qkv on cuda"):
+        oc.decode_attention(q, gpu_qkv)
+    rotated = oc.quantize_kv(*random_kv(rng, head_dim=128), oc.QuantConfig(rotation=np.eye(128)))
+    with pytest.raises(NotImplementedError, match="user rotation matrix"):
+        oc.decode_attention(q_gpu[:, :2], to_gpu(rotated))

@@ -26,6 +26,7 @@ from oscar_cupy.raw_kernels import read_source
 
 DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
 OPTIONS = ("-std=c++17", "--fmad=false", "-default-device")
+CONTRACTED = ("decode",)  # modules free to fuse multiply-adds (not bit-exact definitions, float tolerance)
 HADAMARD_SIZES = (16, 32, 64, 128, 256)
 
 
@@ -48,7 +49,8 @@ class Variant:
 
     def options(self, arch: str) -> list[str]:
         defines = [f"-D{name}={DTYPE_CODES.get(value, value)}" for name, value in self.params]
-        return [*OPTIONS, f"--gpu-architecture={arch}", *defines]
+        options = OPTIONS if self.module not in CONTRACTED else tuple(o for o in OPTIONS if o != "--fmad=false")
+        return [*options, f"--gpu-architecture={arch}", *defines]
 
 
 def quantize_variant(head_dim: int, bits: int, in_dtype: str, scale_dtype: str) -> Variant:
@@ -83,9 +85,9 @@ def decode_stage_bytes(head_dim: int, bits: int, scale_dtype: str, value_group: 
 
 
 def decode_stages(stage_bytes: int) -> int:
-    """Pipeline depth of the decode kernel: buffers per warp, as many as fit three blocks of four warps in an SM's
-    shared memory (two for the largest steps)."""
-    return 4 if stage_bytes <= 3072 else 3 if stage_bytes <= 5120 else 2
+    """Pipeline depth of the decode kernel: buffers per warp (three, two for the largest steps; four measured no faster
+    on the H100, bench/results/decode_attention.md)."""
+    return 3 if stage_bytes <= 5120 else 2
 
 
 def all_variants() -> list[Variant]:

@@ -29,7 +29,7 @@
 #include "common.cuh"
 
 #define THREADS 128
-#define MIN_BLOCKS (ROW_TILES == 1 ? 3 : 2)  // blocks per SM the register budget aims at (3: no spills, measured)
+#define MIN_BLOCKS (ROW_TILES == 1 ? 3 : 2)  // blocks per SM for the register budget (4 spills: measured slower)
 #define WARPS (THREADS / WARP)
 #define STEP 32                                  // tokens per warp step
 #define RPB (8 * ROW_TILES)                      // query rows per block
@@ -323,10 +323,8 @@ __device__ __forceinline__ void packed_run(const PackedArgs& a, const SharedMemo
                                            float (&correction)[ROW_TILES][VALUE_GROUPS][2]) {
     const int p = lane % 4, g = lane / 4;
     const int groups = a.capacity >> a.key_group_shift;
+    // the caller staged steps 0 .. STAGES - 2
     const u32 buffer0 = shared_address(buffers), magic = magic_register();
-#pragma unroll
-    for (int step = 0; step < STAGES - 1; ++step)
-        stage_step(buffer0 + step * (u32)sizeof(StepBuffer), a, first_step_token, step, steps, lane);
     const u32* my_q0 = shared.q_code_pairs + g * Q_ROW_STRIDE + p * Q_LANE_STRIDE;
     const u32* my_q1 = my_q0 + 8 * Q_ROW_STRIDE;
     u32 q_scaled[ROW_TILES][LANE_CHANNELS / 2];
@@ -422,18 +420,20 @@ __device__ __forceinline__ void packed_run(const PackedArgs& a, const SharedMemo
 #pragma unroll
             for (int k = 0; k < 8; ++k) norm[k] = 1.f;
         }
-        const bool full = t0 + STEP <= warp_limit;
 #pragma unroll
-        for (int rt = 0; rt < ROW_TILES; ++rt) {
+        for (int rt = 0; rt < ROW_TILES; ++rt)
 #pragma unroll
-            for (int t = 0; t < 4; ++t) {
+            for (int t = 0; t < 4; ++t)
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    float x = norm[2 * t + e] * (logits[t][2 * rt + e] + bias[rt]);
-                    if (!full && t0 + 8 * p + 2 * t + e >= limit[rt]) x = NEG_INF;
-                    logits[t][2 * rt + e] = x;
-                }
-            }
+                for (int e = 0; e < 2; ++e) logits[t][2 * rt + e] = norm[2 * t + e] * (logits[t][2 * rt + e] + bias[rt]);
+        if (t0 + STEP > warp_limit) {  // a step at the end of the packed part or of a causal row: mask (uniform branch)
+#pragma unroll
+            for (int rt = 0; rt < ROW_TILES; ++rt)
+#pragma unroll
+                for (int t = 0; t < 4; ++t)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+                        if (t0 + 8 * p + 2 * t + e >= limit[rt]) logits[t][2 * rt + e] = NEG_INF;
         }
 
         // ---- online softmax (base 2)
@@ -479,10 +479,12 @@ __device__ __forceinline__ void packed_run(const PackedArgs& a, const SharedMemo
         constexpr int param_words = 8 * VALUE_GROUPS * (int)sizeof(scale_t) / 4;
         u32 v_scales[param_words];
         load_words(v_scales, buffer.value_scales + p * param_words);
-        const scale_t* v_zeros = reinterpret_cast<const scale_t*>(buffer.value_zeros) + 8 * p * VALUE_GROUPS + g;
+        // zeros of group g (lanes g >= VALUE_GROUPS read group 0 and zero their operand below)
+        const scale_t* v_zeros = reinterpret_cast<const scale_t*>(buffer.value_zeros) + 8 * p * VALUE_GROUPS +
+                                 (g < VALUE_GROUPS ? g : 0);
         scale_t v_zero[8];
 #pragma unroll
-        for (int k = 0; k < 8; ++k) v_zero[k] = g < VALUE_GROUPS ? v_zeros[k * VALUE_GROUPS] : (scale_t)0;
+        for (int k = 0; k < 8; ++k) v_zero[k] = v_zeros[k * VALUE_GROUPS];
         if (t0 + STEP > packed_end) {  // beyond the packed tokens the storage may hold anything: keep 0 * x finite
 #pragma unroll
             for (int k = 0; k < 8; ++k) {
@@ -531,12 +533,13 @@ __device__ __forceinline__ void packed_run(const PackedArgs& a, const SharedMemo
                 }
             }
 #if SCALE_DTYPE == DTYPE_F32
-            const u32 z0 = pack_pair(v_zero[4 * ks], v_zero[4 * ks + 1]);
-            const u32 z1 = pack_pair(v_zero[4 * ks + 2], v_zero[4 * ks + 3]);
+            u32 z0 = pack_pair(v_zero[4 * ks], v_zero[4 * ks + 1]);
+            u32 z1 = pack_pair(v_zero[4 * ks + 2], v_zero[4 * ks + 3]);
 #else
-            const u32 z0 = (u32)v_zero[4 * ks] | ((u32)v_zero[4 * ks + 1] << 16);
-            const u32 z1 = (u32)v_zero[4 * ks + 2] | ((u32)v_zero[4 * ks + 3] << 16);
+            u32 z0 = (u32)v_zero[4 * ks] | ((u32)v_zero[4 * ks + 1] << 16);
+            u32 z1 = (u32)v_zero[4 * ks + 2] | ((u32)v_zero[4 * ks + 3] << 16);
 #endif
+            if (g >= VALUE_GROUPS) z0 = z1 = 0u;  // rows of Z^T beyond the value groups
 #pragma unroll
             for (int rt = 0; rt < ROW_TILES; ++rt) mma_low(zero_acc[rt], z0, 0u, z1, 0u, probs[rt][0], probs[rt][1]);
             const int pair0 = 2 * ks;
@@ -573,7 +576,7 @@ __device__ void window_run(const SharedMemory& shared, float* probs, const in_t*
 #pragma unroll
         for (int r = 0; r < RPB; ++r) logit[r] = 0.f;
         if (j < stop) {
-#pragma unroll 4
+#pragma unroll
             for (int c = 0; c < HEAD_DIM; c += 8) {
                 u32 raw[4];
                 load_words(raw, keys + j * key_stride + c);
@@ -601,10 +604,10 @@ __device__ void window_run(const SharedMemory& shared, float* probs, const in_t*
         }
         __syncwarp();
         const int count = (int)min((i64)WARP, stop - start);  // tokens that exist (the rest may hold anything)
-#pragma unroll 4
-        for (int t = 0; t < count; ++t) {
-            u32 raw[LANE_ELEMENTS / 2];
-            load_words(raw, values + (start + t) * value_stride + lane * LANE_ELEMENTS);
+#pragma unroll 16
+        for (int t = 0; t < WARP; ++t) {  // unrolled with predicated loads: 16 rows in flight at once
+            u32 raw[LANE_ELEMENTS / 2] = {};
+            if (t < count) load_words(raw, values + (start + t) * value_stride + lane * LANE_ELEMENTS);
 #pragma unroll
             for (int e = 0; e < LANE_ELEMENTS; ++e) {
                 const float value = in_to_f32((in_t)(raw[e / 2] >> (16 * (e % 2))));
@@ -671,6 +674,28 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
     const int splits = packed_splits + window_splits;
     const i64 packed = packed_lengths[b], windowed = window_lengths != nullptr ? window_lengths[b] : 0;
     const bool packed_part = split < packed_splits;
+
+    // the packed path's first copies go out before anything else, so that their latency overlaps the query prologue
+    const i64 split_start = (i64)split * split_steps * STEP;
+    const i64 split_stop = split == packed_splits - 1 ? packed : min(packed, split_start + (i64)split_steps * STEP);
+    const int steps = packed_part && split_stop > split_start ? (int)((split_stop - split_start + STEP - 1) / STEP) : 0;
+    const int per_warp = (steps + WARPS - 1) / WARPS;
+    const int my_first = min(steps, warp * per_warp), my_steps = min(steps, my_first + per_warp) - my_first;
+    PackedArgs args;
+    args.k_codes = k_codes; args.k_scales = k_scales; args.k_zeros = k_zeros;
+    args.v_codes = v_codes; args.v_scales = v_scales; args.v_zeros = v_zeros;
+    args.norms = norms != nullptr ? norms + ((i64)b * norm_heads + (norm_heads == 1 ? 0 : h)) * capacity : nullptr;
+    args.bh = bh;
+    args.capacity = capacity;
+    args.key_group_shift = __ffs(key_group) - 1;
+    extern __shared__ StepBuffer step_buffers[];  // STAGES per warp
+    StepBuffer* buffers = step_buffers + warp * STAGES;
+    const int first_token = (int)split_start + my_first * STEP;
+    if (packed_part) {
+#pragma unroll
+        for (int step = 0; step < STAGES - 1; ++step)
+            stage_step(shared_address(buffers + step), args, first_token, step, my_steps, lane);
+    }
 
     // rows of this block: float32 query rows, times softmax_scale * log2(e); zeros beyond `rows`
     for (int i = threadIdx.x; i < RPB * HEAD_DIM; i += THREADS) {
@@ -742,12 +767,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
     }
     __syncthreads();
 
-    const i64 split_start = (i64)split * split_steps * STEP;
-    const i64 split_stop = split == packed_splits - 1 ? packed : min(packed, split_start + (i64)split_steps * STEP);
-    const int steps = split_stop > split_start ? (int)((split_stop - split_start + STEP - 1) / STEP) : 0;
-    const int per_warp = (steps + WARPS - 1) / WARPS;
-    const int my_first = min(steps, warp * per_warp), my_steps = min(steps, my_first + per_warp) - my_first;
-
     int limit[ROW_TILES];  // exclusive token limit of the lane's S rows g + 8 rt
     int warp_limit = (int)split_stop;
 #pragma unroll
@@ -758,14 +777,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
         for (int off = 16; off > 0; off /= 2) w = min(w, __shfl_xor_sync(0xffffffffu, w, off));
         warp_limit = min(warp_limit, w);
     }
-
-    PackedArgs args;
-    args.k_codes = k_codes; args.k_scales = k_scales; args.k_zeros = k_zeros;
-    args.v_codes = v_codes; args.v_scales = v_scales; args.v_zeros = v_zeros;
-    args.norms = norms != nullptr ? norms + ((i64)b * norm_heads + (norm_heads == 1 ? 0 : h)) * capacity : nullptr;
-    args.bh = bh;
-    args.capacity = capacity;
-    args.key_group_shift = __ffs(key_group) - 1;
 
     RowState state;
     float out[ROW_TILES][VALUE_TILES][4], zero_acc[ROW_TILES][2], correction[ROW_TILES][VALUE_GROUPS][2];
@@ -779,9 +790,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
 #pragma unroll
         for (int i = 0; i < VALUE_TILES; ++i) out[rt][i][0] = out[rt][i][1] = out[rt][i][2] = out[rt][i][3] = 0.f;
     }
-    extern __shared__ StepBuffer step_buffers[];  // STAGES per warp
-    packed_run(args, shared, step_buffers + warp * STAGES, (int)split_start + my_first * STEP, my_steps, limit,
-               warp_limit, (int)packed, lane, state, out, zero_acc, correction);
+    packed_run(args, shared, buffers, first_token, my_steps, limit, warp_limit, (int)packed, lane, state, out, zero_acc,
+               correction);
 
     // ---- value zeros in, code offsets out: channel block blk is value group 32 blk / VALUE_GROUP; its zeros are held
     // by lanes 4 vg + p

@@ -323,8 +323,10 @@ __device__ __forceinline__ void packed_run(const PackedArgs& a, const SharedMemo
                                            float (&correction)[ROW_TILES][VALUE_GROUPS][2]) {
     const int p = lane % 4, g = lane / 4;
     const int groups = a.capacity >> a.key_group_shift;
-    // the caller staged steps 0 .. STAGES - 2
     const u32 buffer0 = shared_address(buffers), magic = magic_register();
+#pragma unroll
+    for (int step = 0; step < STAGES - 1; ++step)
+        stage_step(buffer0 + step * (u32)sizeof(StepBuffer), a, first_step_token, step, steps, lane);
     const u32* my_q0 = shared.q_code_pairs + g * Q_ROW_STRIDE + p * Q_LANE_STRIDE;
     const u32* my_q1 = my_q0 + 8 * Q_ROW_STRIDE;
     u32 q_scaled[ROW_TILES][LANE_CHANNELS / 2];
@@ -576,7 +578,7 @@ __device__ void window_run(const SharedMemory& shared, float* probs, const in_t*
 #pragma unroll
         for (int r = 0; r < RPB; ++r) logit[r] = 0.f;
         if (j < stop) {
-#pragma unroll
+#pragma unroll 4
             for (int c = 0; c < HEAD_DIM; c += 8) {
                 u32 raw[4];
                 load_words(raw, keys + j * key_stride + c);
@@ -604,10 +606,10 @@ __device__ void window_run(const SharedMemory& shared, float* probs, const in_t*
         }
         __syncwarp();
         const int count = (int)min((i64)WARP, stop - start);  // tokens that exist (the rest may hold anything)
-#pragma unroll 16
-        for (int t = 0; t < WARP; ++t) {  // unrolled with predicated loads: 16 rows in flight at once
-            u32 raw[LANE_ELEMENTS / 2] = {};
-            if (t < count) load_words(raw, values + (start + t) * value_stride + lane * LANE_ELEMENTS);
+#pragma unroll 8
+        for (int t = 0; t < count; ++t) {
+            u32 raw[LANE_ELEMENTS / 2];
+            load_words(raw, values + (start + t) * value_stride + lane * LANE_ELEMENTS);
 #pragma unroll
             for (int e = 0; e < LANE_ELEMENTS; ++e) {
                 const float value = in_to_f32((in_t)(raw[e / 2] >> (16 * (e % 2))));
@@ -675,7 +677,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
     const i64 packed = packed_lengths[b], windowed = window_lengths != nullptr ? window_lengths[b] : 0;
     const bool packed_part = split < packed_splits;
 
-    // the packed path's first copies go out before anything else, so that their latency overlaps the query prologue
     const i64 split_start = (i64)split * split_steps * STEP;
     const i64 split_stop = split == packed_splits - 1 ? packed : min(packed, split_start + (i64)split_steps * STEP);
     const int steps = packed_part && split_stop > split_start ? (int)((split_stop - split_start + STEP - 1) / STEP) : 0;
@@ -691,11 +692,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
     extern __shared__ StepBuffer step_buffers[];  // STAGES per warp
     StepBuffer* buffers = step_buffers + warp * STAGES;
     const int first_token = (int)split_start + my_first * STEP;
-    if (packed_part) {
-#pragma unroll
-        for (int step = 0; step < STAGES - 1; ++step)
-            stage_step(shared_address(buffers + step), args, first_token, step, my_steps, lane);
-    }
 
     // rows of this block: float32 query rows, times softmax_scale * log2(e); zeros beyond `rows`
     for (int i = threadIdx.x; i < RPB * HEAD_DIM; i += THREADS) {

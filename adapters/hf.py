@@ -10,19 +10,21 @@ precision with transformers' SDPA function and then the layer packs whole flush 
 window, attends with :meth:`LayerCache.attend` and flushes full windows.
 
 CPU tensors use the reference backend; CUDA tensors (float16 or bfloat16 models) the fused decode kernel, on torch's
-current stream. Full-attention layers only (what remains is listed in the README). Left-padded batches (as ``generate`` makes them) are stored without their padding, each
-sequence from its own first token.
+current stream. Layers that are not full attention (sliding-window, chunked, linear or hybrid) stay in transformers'
+full-precision cache layers, with one warning. Left-padded batches (as ``generate`` makes them) are stored without
+their padding, each sequence from its own first token.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import numpy as np
 import torch
 import transformers
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -104,11 +106,26 @@ class OscarLayer(CacheLayerMixin):
 
 
 class OscarCache(Cache):
-    """A transformers ``Cache`` of :class:`OscarLayer` for ``num_layers`` layers."""
+    """A transformers ``Cache`` with an :class:`OscarLayer` for each full-attention layer.
 
-    def __init__(self, config: QuantConfig, num_layers: int):
-        super().__init__(layers=[OscarLayer(config) for _ in range(num_layers)])
+    With ``model_config``, the layers are those transformers' ``DynamicCache(config=model_config)`` would make, its
+    full-attention layers replaced by :class:`OscarLayer`; the others (sliding-window, chunked, linear or hybrid
+    attention) stay transformers' full-precision layers. Without it, ``num_layers`` layers, all :class:`OscarLayer`.
+    """
+
+    def __init__(self, config: QuantConfig, num_layers: int | None = None, model_config=None):
+        if model_config is not None:
+            layers = [OscarLayer(config) if type(layer) is DynamicLayer else layer
+                      for layer in DynamicCache(config=model_config).layers]
+        else:
+            layers = [OscarLayer(config) for _ in range(num_layers)]
+        super().__init__(layers=layers)
         self.config = config
+
+    @property
+    def full_precision_layers(self) -> list[int]:
+        """Indices of the layers kept in full precision (not full attention)."""
+        return [i for i, layer in enumerate(self.layers) if not isinstance(layer, OscarLayer)]
 
     @property
     def nbytes(self) -> int:
@@ -117,8 +134,12 @@ class OscarCache(Cache):
 
 
 def oscar_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """The registered attention function: full precision at prefill, the packed cache at decode."""
+    """The registered attention function: full precision at prefill, the packed cache at decode; layers kept in full
+    precision attend as transformers' SDPA does."""
     layer = module.oscar_cache.layers[module.layer_idx]
+    if not isinstance(layer, OscarLayer):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     if layer.prefilled:
         layer.store_prompt(key, value, attention_mask)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -138,18 +159,19 @@ def enable_oscar(model, config: QuantConfig | None = None) -> OscarCache:
     major = int(transformers.__version__.split(".")[0])
     if major not in SUPPORTED_TRANSFORMERS:
         raise ImportError(f"oscar_cupy.adapters.hf supports transformers 5.x; this is {transformers.__version__}")
-    _check_full_attention(model.config)
     config = QuantConfig() if config is None else config
     attentions = _attention_modules(model)
     head_dim = attentions[0].head_dim
     config.check_head_dim(head_dim)
     fold = config.rotates and config.rotate_values
     rotation = _rotation_matrix(config, head_dim)
-    cache = OscarCache(config.replace(rotate_values=False) if fold else config, len(attentions))
+    cache = OscarCache(config.replace(rotate_values=False) if fold else config, model_config=model.config)
+    _warn_full_precision(cache, model.config)
     AttentionInterface.register(ATTENTION, oscar_attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
     for module in attentions:
-        if fold and not hasattr(module, "oscar_original"):
+        quantized = isinstance(cache.layers[module.layer_idx], OscarLayer)
+        if fold and quantized and not hasattr(module, "oscar_original"):
             module.oscar_original = {name: getattr(module, name).weight.detach().clone()
                                      for name in ("v_proj", "o_proj")}
             if module.v_proj.bias is not None:
@@ -180,16 +202,19 @@ def disable_oscar(model) -> None:
         del model.oscar_attn_implementation
 
 
-def _check_full_attention(model_config) -> None:
-    """``NotImplementedError`` for models with sliding-window or other non-full attention layers."""
-    layer_types = set(getattr(model_config, "layer_types", None) or ["full_attention"])
-    sliding = getattr(model_config, "sliding_window", None) and getattr(model_config, "use_sliding_window", True)
-    if sliding or layer_types != {"full_attention"}:
-        raise NotImplementedError(
-            f"this model has {'sliding-window' if sliding else ', '.join(sorted(layer_types))} attention layers; "
-            "oscar_cupy's adapter handles full-attention layers only so far (for a sliding window longer than your "
-            "sequences, set model.config.sliding_window = None first)"
-        )
+def _warn_full_precision(cache: OscarCache, model_config) -> None:
+    """One warning naming the layers that stay in full precision (sliding-window, chunked, linear or hybrid)."""
+    kept = cache.full_precision_layers
+    if not kept:
+        return
+    kinds = sorted({type(cache.layers[i]).__name__ for i in kept})
+    quantized = len(cache.layers) - len(kept)
+    warnings.warn(
+        f"oscar_cupy quantizes full-attention layers only: {len(kept)} of {len(cache.layers)} layers of this "
+        f"{type(model_config).__name__} ({', '.join(kinds)}) stay in full precision"
+        + ("; no layer is quantized" if not quantized else f"; {quantized} are quantized"),
+        stacklevel=3,
+    )
 
 
 def _attention_modules(model) -> list:

@@ -116,11 +116,28 @@ def test_left_padded_batch_gives_each_sequence_its_own_logits():
         torch.testing.assert_close(together[row], alone[0], rtol=1e-4, atol=1e-4)
 
 
-def test_sliding_window_models_are_refused_clearly():
+def test_sliding_window_layers_stay_in_full_precision_with_one_warning():
+    """A hybrid model (full and sliding-window layers): the sliding layers keep transformers' own full-precision cache
+    layer, the full-attention layers the packed cache; while every token sits in the window, the logits are the
+    unquantized cache's. A model of sliding layers only quantizes nothing, and says so."""
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.MistralConfig(**TINY, sliding_window=512))
-    with pytest.raises(NotImplementedError, match="sliding-window attention layers"):
-        enable_oscar(model)
+    config = transformers.Qwen3Config(**TINY, use_sliding_window=True, sliding_window=24,
+                                      layer_types=["sliding_attention", "full_attention"])
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    tokens = torch.randint(0, 256, (2, 60))
+    reference = teacher_forced_logits(model, tokens, transformers.DynamicCache(config=model.config), 20)
+    with pytest.warns(UserWarning, match=r"1 of 2 layers of this Qwen3Config \(DynamicSlidingWindowLayer\) stay"):
+        cache = enable_oscar(model, oc.QuantConfig(window=64))
+    logits = teacher_forced_logits(model, tokens, cache, 20)
+    assert cache.full_precision_layers == [0] and cache.layers[1].cache.lengths.tolist() == [60, 60]
+    assert "oscar_original" not in vars(model.model.layers[0].self_attn)  # nothing folded where nothing is quantized
+    disable_oscar(model)
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+
+    mistral = transformers.AutoModelForCausalLM.from_config(transformers.MistralConfig(**TINY, sliding_window=512))
+    with pytest.warns(UserWarning, match="no layer is quantized"):
+        enable_oscar(mistral)
+    disable_oscar(mistral)
 
 
 def test_beam_search_reorders_the_cache():

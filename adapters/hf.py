@@ -99,10 +99,11 @@ class OscarLayer(CacheLayerMixin):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.reorder_cache(indices)
 
-    def crop(self, max_length: int) -> None:
-        """Keep ``max_length`` tokens (a negative value removes that many); only window tokens can be cropped."""
-        if self.is_initialized:
-            self.cache.crop(max_length if max_length >= 0 else self.get_seq_length() + max_length)
+    def crop(self, tokens: int) -> None:
+        """Remove ``-tokens`` tokens when ``tokens`` is negative (transformers 5's convention; 0 removes none) or keep
+        ``tokens`` tokens when it is positive (the older one); only window tokens can be cropped."""
+        if self.is_initialized and tokens:
+            self.cache.crop(tokens if tokens > 0 else self.get_seq_length() + tokens)
 
 
 class OscarCache(Cache):
@@ -146,7 +147,9 @@ def oscar_attention(module, query, key, value, attention_mask, dropout=0.0, scal
                                       **kwargs)
     output = layer.cache.attend(query, scale=scaling)  # (batch, q_heads, q_len, head_dim)
     with _torch_stream(query):
-        layer.cache.flush()  # after the step's attention, as the method prescribes
+        # after the step's attention, as the method prescribes; a step of several tokens (assisted generation's
+        # verification) keeps all but the first in the window, so that rejecting them is a crop of the window
+        layer.cache.flush(keep=query.shape[2] - 1)
     return output.transpose(1, 2).contiguous(), None
 
 

@@ -131,10 +131,11 @@ class LayerCache:
             self._window_v[rows, :, slots] = v_array.swapaxes(1, 2)
             self.window_lengths = self.window_lengths + count
 
-    def flush(self) -> None:
-        """Pack the oldest ``window`` tokens of every sequence whose window holds at least that many."""
+    def flush(self, keep: int = 0) -> None:
+        """Pack the oldest ``window`` tokens of every sequence whose window holds at least ``window + keep``: the
+        ``keep`` newest tokens stay in full precision (a speculative step's candidates, which a crop may remove)."""
         window = self.config.window
-        full = np.flatnonzero(self.window_lengths >= window)
+        full = np.flatnonzero(self.window_lengths >= window + keep)
         if not full.size:
             return
         self._reserve(int(self.packed_lengths[full].max()) + window)

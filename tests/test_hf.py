@@ -156,3 +156,27 @@ def test_beam_search_reorders_the_cache():
     assert torch.equal(same, reference)
     assert beams.shape == reference.shape
     assert packed.layers[0].cache.batch == 3 and (packed.layers[0].cache.packed_lengths == 32).all()
+
+
+def test_assisted_generation_crops_within_the_window():
+    """Assisted (speculative) generation verifies several draft tokens per step and crops the rejected ones: with a
+    window that holds everything it equals the unquantized cache's generation token for token; with many flushes it
+    runs through, the candidates of a step never get packed, and the cache ends at the generated length."""
+    model, draft = tiny_model("llama"), tiny_model("qwen2")
+    prompt = torch.randint(0, 256, (1, 30))
+    with torch.no_grad():
+        reference = model.generate(prompt, assistant_model=draft, max_new_tokens=40, do_sample=False,
+                                   past_key_values=transformers.DynamicCache())
+        window_only = enable_oscar(model, oc.QuantConfig(window=128))
+        same = model.generate(prompt, assistant_model=draft, max_new_tokens=40, do_sample=False,
+                              past_key_values=window_only)
+        disable_oscar(model)
+        packed = enable_oscar(model, oc.QuantConfig.preset("oscar-4", window=32))
+        out = model.generate(prompt, assistant_model=draft, max_new_tokens=40, do_sample=False, past_key_values=packed)
+        disable_oscar(model)
+    assert torch.equal(same, reference)
+    assert out.shape == (1, 70)
+    layer = packed.layers[0].cache
+    assert layer.lengths.tolist() == [69] and layer.packed_lengths.tolist()[0] % 32 == 0
+    assert layer.packed_lengths.tolist()[0] >= 32
+

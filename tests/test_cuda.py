@@ -13,16 +13,9 @@ from conftest import random_kv
 
 import oscar_cupy as oc
 
-cupy = pytest.importorskip("cupy")
-try:
-    GPUS = cupy.cuda.runtime.getDeviceCount()
-except cupy.cuda.runtime.CUDARuntimeError:
-    GPUS = 0
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPUS == 0, reason="no CUDA GPU")]
+from gpu import GPUS, REAL_KV, cupy, poison_memory_pool, pytestmark  # noqa: F401  (pytestmark marks the module)
 
 from oscar_cupy import cuda_backend, layout  # noqa: E402  (needs cupy)
-
-REAL_KV = os.environ.get("OSCAR_REAL_KV", ".assets/smollm2_kv.npz")
 
 
 def poisoned(arrays: dict) -> dict:
@@ -31,12 +24,6 @@ def poisoned(arrays: dict) -> dict:
         array.view(cupy.uint8).fill(0xFF)
     return arrays
 
-
-def poison_memory_pool():
-    """Fill and release a large block so that the next allocations start as 0xFF bytes."""
-    block = cupy.empty(1 << 28, dtype=cupy.uint8)
-    block.fill(0xFF)
-    del block
 
 
 def gpu_quantize(k, v, config, lengths):

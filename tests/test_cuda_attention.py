@@ -18,16 +18,9 @@ from conftest import random_kv
 
 import oscar_cupy as oc
 
-cupy = pytest.importorskip("cupy")
-try:
-    GPUS = cupy.cuda.runtime.getDeviceCount()
-except cupy.cuda.runtime.CUDARuntimeError:
-    GPUS = 0
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPUS == 0, reason="no CUDA GPU")]
+from gpu import REAL_KV, cupy, poison_memory_pool, pytestmark  # noqa: F401  (pytestmark marks the module)
 
 from oscar_cupy.cuda_attention import DecodePlan  # noqa: E402  (needs cupy)
-
-REAL_KV = os.environ.get("OSCAR_REAL_KV", ".assets/smollm2_kv.npz")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # relative error of the output (Frobenius norm over a whole case): the bound of the issue in bfloat16, tighter in
 # float16 with float16 scales (the tensor-core operands are float16 then; bfloat16 with bfloat16 or float32 scales)
@@ -38,12 +31,6 @@ BF16_OPERANDS = 2e-2  # bfloat16 or float32 scales: bfloat16 operands (8 signifi
 def tolerance(dtype, config) -> float:
     return TOLERANCE[np.dtype(dtype)] if config.scale_dtype == "float16" else BF16_OPERANDS
 
-
-def poison_memory_pool():
-    """Fill and release a large block so that the next allocations start as 0xFF bytes (NaN)."""
-    block = cupy.empty(1 << 28, dtype=cupy.uint8)
-    block.fill(0xFF)
-    del block
 
 
 def to_gpu(qkv):

@@ -98,11 +98,8 @@ def demo(args) -> int:
     from oscar_cupy import demo as demo_module
     from oscar_cupy.assets import AssetError
 
-    if args.device != "cpu":
-        print("error: --device cuda needs the fused CUDA decode kernel, which this release does not have yet",
-              file=sys.stderr)
-        return 1
     try:
+        args.device = demo_module.resolve_device(args.device)
         runs = demo_module.run(args, progress=lambda line: print(line, file=sys.stderr, flush=True))
     except (AssetError, ValueError, ImportError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -132,7 +129,8 @@ def parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--prompt-tokens", type=_positive, default=1024)
     demo_parser.add_argument("--new-tokens", type=_positive, default=32)
     demo_parser.add_argument("--eval-tokens", type=_positive, default=256, help="held-back tokens for perplexity")
-    demo_parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    demo_parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                             help="where the model and the cache live (default: a CUDA GPU if usable, else the CPU)")
     demo_parser.set_defaults(run=demo)
     check = commands.add_parser("check-kernels", help="compile every kernel variant with NVRTC (no GPU needed)")
     check.add_argument("--arch", default="sm_80,sm_90", help="comma-separated GPU architectures (default sm_80,sm_90)")

@@ -1,7 +1,7 @@
 """``oscar-cupy demo``: a real model with a bf16 cache and with the OScaR cache, side by side.
 
-Loads the model (default: SmolLM2-135M-Instruct, fetched once, see :mod:`oscar_cupy.assets.models`) and a passage of a
-public-domain book; for each cache it generates a greedy continuation of the passage, measures the perplexity of the
+Loads the model (default: SmolLM2-135M-Instruct, fetched once, see :mod:`oscar_cupy.assets.models`) on a GPU if there
+is a usable one (else the CPU) and a passage of a public-domain book; for each cache it generates a greedy continuation of the passage, measures the perplexity of the
 held-back text that follows it (fed through the cache in chunks, as decoding would) and counts the KV-cache bytes.
 """
 
@@ -44,6 +44,20 @@ def load_text(spec: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def resolve_device(name: str) -> str:
+    """``"cuda"`` or ``"cpu"`` for ``--device`` ``auto``/``cpu``/``cuda``: a GPU needs torch with CUDA and CuPy (the
+    ``cuda13``/``cuda12`` extra); ``cuda`` without them is an error, ``auto`` then falls back to the CPU."""
+    import importlib.util
+
+    import torch
+
+    usable = torch.cuda.is_available() and importlib.util.find_spec("cupy") is not None
+    if name == "cuda" and not usable:
+        raise ValueError("--device cuda: no usable CUDA GPU here (it needs torch with CUDA and CuPy: "
+                         'pip install ".[cuda13]")')
+    return "cuda" if name == "cuda" or (name == "auto" and usable) else "cpu"
+
+
 def passage(tokenizer, text: str, prompt_tokens: int, eval_tokens: int):
     """``(prompt, held_back)`` token tensors ``(1, n)`` from the middle of ``text``."""
     start = text.find("\n\n", len(text) // 3) + 2
@@ -83,9 +97,10 @@ def run(args, progress=print) -> list[CacheRun]:
     progress(f"model: resolving {args.model or 'SmolLM2-135M-Instruct (default)'}")
     folder = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
-    progress(f"text: {args.text}")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval().to(args.device)
+    progress(f"text: {args.text} (device: {args.device})")
     prompt, held_back = passage(tokenizer, load_text(args.text), args.prompt_tokens, args.eval_tokens)
+    prompt, held_back = prompt.to(args.device), held_back.to(args.device)
     chunk = min(64, config.window)
     layers = model.config.num_hidden_layers
     kv_heads = getattr(model.config, "num_key_value_heads", model.config.num_attention_heads)
@@ -100,6 +115,8 @@ def run(args, progress=print) -> list[CacheRun]:
         began = time.perf_counter()
         with torch.no_grad():
             output = model.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False, past_key_values=cache)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - began
         tokens_held = output.shape[1] - 1
         if oscar:

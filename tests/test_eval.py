@@ -23,7 +23,8 @@ def test_eval_writes_json_markdown_and_plots(tiny_model_folder, text_file, tmp_p
     captured = capsys.readouterr()
     assert code == 0, captured.err
     result = json.loads((out / "eval.json").read_text())
-    assert set(result) >= {"model", "device", "date", "settings", "versions", "bits_per_element", "perplexity",
+    assert result["command"].startswith("oscar-cupy eval --model")
+    assert set(result) >= {"command", "model", "device", "date", "settings", "versions", "bits_per_element", "perplexity",
                            "passkey", "agreement"}
     assert result["device"] == "cpu" and result["settings"]["contexts"] == [64, 128]
     assert [(r["context"], r["preset"]) for r in result["perplexity"]] == [

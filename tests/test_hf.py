@@ -180,3 +180,30 @@ def test_assisted_generation_crops_within_the_window():
     assert layer.lengths.tolist() == [69] and layer.packed_lengths.tolist()[0] % 32 == 0
     assert layer.packed_lengths.tolist()[0] >= 32
 
+
+
+def test_cache_invariants_after_every_step():
+    """After the prompt and after every decode step: lengths count every token fed, the window stays under a flush
+    block (flushes come right after attention), packed tokens are whole blocks, and the byte counts add up."""
+    model = tiny_model("qwen3")
+    config = oc.QuantConfig.preset("oscar-2", window=32)
+    cache = enable_oscar(model, config)
+    tokens = torch.randint(0, 256, (2, 150))
+    with torch.no_grad():
+        model(tokens[:, :45], past_key_values=cache)
+        for fed in range(45, 151):
+            for layer in cache.layers:
+                store = layer.cache
+                assert store.lengths.tolist() == [fed, fed]
+                assert (store.window_lengths < config.window).all()
+                assert (store.packed_lengths % config.window == 0).all()
+                per_token = store.packed_bytes_per_token()
+                window_bytes = 2 * store.kv_heads * store.head_dim * store.dtype.itemsize
+                assert store.stored_nbytes() == int(store.packed_lengths.sum()) * per_token + int(
+                    store.window_lengths.sum()) * window_bytes
+                bf16_per_token = 2 * store.kv_heads * store.head_dim * 2
+                assert store.nbytes >= store.stored_nbytes() and store.bf16_nbytes() == 2 * fed * bf16_per_token
+            if fed < 150:
+                model(tokens[:, fed : fed + 1], past_key_values=cache)
+    disable_oscar(model)
+    assert cache.layers[0].cache.packed_lengths.tolist() == [128, 128]

@@ -94,7 +94,9 @@ class OscarLayer(CacheLayerMixin):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
-            self.cache.reorder(beam_idx.cpu().numpy())
+            indices = beam_idx.cpu().numpy()
+            with _torch_stream(self.device):
+                self.cache.reorder(indices)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.reorder_cache(indices)
@@ -102,6 +104,7 @@ class OscarLayer(CacheLayerMixin):
     def crop(self, tokens: int) -> None:
         """Remove ``-tokens`` tokens when ``tokens`` is negative (transformers 5's convention; 0 removes none) or keep
         ``tokens`` tokens when it is positive (the older one); only window tokens can be cropped."""
+        tokens = int(tokens)  # transformers >= 5.17 passes a 0-d tensor
         if self.is_initialized and tokens:
             self.cache.crop(tokens if tokens > 0 else self.get_seq_length() + tokens)
 
@@ -146,7 +149,7 @@ def oscar_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     output = layer.cache.attend(query, scale=scaling)  # (batch, q_heads, q_len, head_dim)
-    with _torch_stream(query):
+    with _torch_stream(query.device):
         # after the step's attention, as the method prescribes; a step of several tokens (assisted generation's
         # verification) keeps all but the first in the window, so that rejecting them is a crop of the window
         layer.cache.flush(keep=query.shape[2] - 1)
@@ -248,13 +251,13 @@ def _fold_value_rotation(module, rotation: torch.Tensor, head_dim: int) -> None:
         weight.copy_((blocks @ rotation.T).view_as(weight).to(weight.dtype))
 
 
-def _torch_stream(tensor: torch.Tensor):
-    """On a GPU, make torch's current stream (and the tensor's device) CuPy's for the work inside."""
-    if not tensor.is_cuda:
+def _torch_stream(device: torch.device):
+    """On a GPU, make ``device`` CuPy's current device and torch's current stream on it CuPy's, for the work inside."""
+    if device.type != "cuda":
         return contextlib.nullcontext()
     from oscar_cupy.cuda_backend import launch_context
 
-    return launch_context(tensor.device.index, torch_stream=True)
+    return launch_context(device.index, torch_stream=True)
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:

@@ -24,7 +24,7 @@ TESTS=${TESTS:-tests}
 python3 /tmp/site/bin/pytest -p no:cacheprovider -q -ra $TESTS --junitxml="$OUT/junit.xml" > "$OUT/tests.log" 2>&1
 echo "pytest rc=$?"; tail -25 "$OUT/tests.log"
 python3 bench/test_report.py "$OUT/junit.xml" "$OUT" "TESTS='$TESTS' bash bench/gpu_session.sh"
-for bench in ${BENCHES:-quantize decode_attention}; do
+for bench in ${BENCHES-quantize decode_attention}; do
   # shellcheck disable=SC2086
   python3 "bench/$bench.py" --out "$OUT" ${BENCH_ARGS:-} > "$OUT/bench_$bench.log" 2>&1; echo "bench $bench rc=$?"
   tail -40 "$OUT/bench_$bench.log"

@@ -19,10 +19,13 @@ import contextlib
 import numpy as np
 
 from oscar_cupy import layout
-from oscar_cupy.arrays import Kind, accept, check_float, check_rank, on_gpu, same_kind
+from oscar_cupy.arrays import Kind, accept, check_float, check_rank, device_of, on_gpu, same_kind
 from oscar_cupy.attention import decode_attention
 from oscar_cupy.config import QuantConfig
 from oscar_cupy.quantized_kv import KV_AXES, QuantizedKV, quantize_kv
+
+
+WINDOW_SLACK = 64  # window buffer tokens beyond one window: room for decode steps and short chunks before a flush
 
 
 class LayerCache:
@@ -41,15 +44,21 @@ class LayerCache:
         config.check_head_dim(head_dim)
         self.config = config
         self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
-        self._xp = _module_of(like)
+        self._xp, self._device_id = _storage_of(like)
         self.dtype = np.dtype(dtype)
         self.packed_lengths = np.zeros(batch, dtype=np.int64)
         self.window_lengths = np.zeros(batch, dtype=np.int64)
-        window_shape = (batch, kv_heads, 2 * config.window, head_dim)  # room for a window plus one chunk
-        self._window_k = self._xp.zeros(window_shape, dtype=self.dtype)
-        self._window_v = self._xp.zeros(window_shape, dtype=self.dtype)
-        self._packed = self._allocate(_blocks(capacity, config.window) * config.window)
+        window_shape = (batch, kv_heads, config.window + WINDOW_SLACK, head_dim)  # grown for larger appends
+        with self._stream(Kind.CUPY):
+            self._window_k = self._xp.zeros(window_shape, dtype=self.dtype)
+            self._window_v = self._xp.zeros(window_shape, dtype=self.dtype)
+            self._packed = self._allocate(_blocks(capacity, config.window) * config.window)
         self.reallocations = 0
+        # GPU only: the lengths as the device holds them (int64 (2, batch): packed, window), the host copy of what was
+        # last written there, and the decode plans; a decode step then neither allocates nor waits for the host
+        self._device_lengths = None
+        self._device_lengths_host = None
+        self._plans = None
 
     # -- sizes --------------------------------------------------------------------------------------------------
 
@@ -124,12 +133,21 @@ class LayerCache:
                 raise ValueError(f"append takes at most window={self.config.window} tokens at a time, got {count}")
             if (self.window_lengths + count > 2 * self.config.window).any():
                 self.flush()
-            # each sequence writes at its own window position, all in one indexed assignment: (B, count, Hk, D)
-            rows = self._xp.asarray(np.arange(self.batch)[:, None])
-            slots = self._xp.asarray(self.window_lengths[:, None] + np.arange(count)[None, :])
-            self._window_k[rows, :, slots] = k_array.swapaxes(1, 2)
-            self._window_v[rows, :, slots] = v_array.swapaxes(1, 2)
-            self.window_lengths = self.window_lengths + count
+            self._reserve_window(int((self.window_lengths + count).max()))
+            starts = self.window_lengths
+            if (starts == starts[0]).all():  # the usual case: one slice for the whole batch
+                self._window_k[:, :, starts[0] : starts[0] + count] = k_array
+                self._window_v[:, :, starts[0] : starts[0] + count] = v_array
+            else:  # each sequence at its own window position, in one indexed assignment: (B, count, Hk, D)
+                rows, slots = self._window_slots(count)
+                self._window_k[rows, :, slots] = k_array.swapaxes(1, 2)
+                self._window_v[rows, :, slots] = v_array.swapaxes(1, 2)
+            device_current = self._device_lengths_host is not None and np.array_equal(
+                self._device_lengths_host, np.stack([self.packed_lengths, starts]))
+            self.window_lengths = starts + count
+            if device_current:  # keep the device's lengths current without a copy
+                self._device_lengths[1] += count
+                self._device_lengths_host = self._host_lengths()
 
     def flush(self, keep: int = 0) -> None:
         """Pack the oldest ``window`` tokens of every sequence whose window holds at least ``window + keep``: the
@@ -166,10 +184,38 @@ class LayerCache:
         q_array, kind = accept(q, "q")
         window = int(self.window_lengths.max(initial=0))
         with self._stream(kind):
-            result = decode_attention(q_array, self.packed(), self._window_k[:, :, :window],
-                                      self._window_v[:, :, :window], lengths=self.window_lengths, scale=scale,
-                                      return_lse=return_lse)
+            if self._xp is np:
+                result = decode_attention(q_array, self.packed(), self._window_k[:, :, :window],
+                                          self._window_v[:, :, :window], lengths=self.window_lengths, scale=scale,
+                                          return_lse=return_lse)
+            else:
+                result = self._attend_gpu(q_array, scale)
+                result = result if return_lse else result[0]
         return tuple(kind.wrap(r) for r in result) if return_lse else kind.wrap(result)
+
+    def _attend_gpu(self, q, scale):
+        """cupy ``(out, lse)`` of the fused kernel for cupy ``q``, through a plan kept from step to step (a new ``out``
+        each call; ``lse`` is the plan's, overwritten by the next call)."""
+        import cupy
+
+        from oscar_cupy import cuda_attention
+
+        check_rank(q, "q", 4, "(batch, q_heads, q_len, head_dim)")
+        if q.dtype != self.dtype:
+            raise TypeError(f"q has dtype {q.dtype} but the cache's window holds {self.dtype}; they must match")
+        if (q.shape[0], q.shape[3]) != (self.batch, self.head_dim) or q.shape[1] % self.kv_heads:
+            raise ValueError(f"q has shape {tuple(q.shape)}; expected ({self.batch}, a multiple of {self.kv_heads} "
+                             f"heads, q_len, {self.head_dim})")
+        if q.device.id != self._device_id:
+            raise ValueError(f"q is on cuda:{q.device.id} but the cache on cuda:{self._device_id}")
+        scale = 1.0 / np.sqrt(self.head_dim) if scale is None else float(scale)
+        if self._plans is None:
+            self._plans = cuda_attention.PlanCache(self.config, self.kv_heads, self._device_id)
+        plan = self._plans.plan(q, int(self.packed_lengths.max(initial=0)), int(self.window_lengths.max(initial=0)),
+                                scale)
+        lengths = self._lengths_on_device()
+        out = cupy.empty(q.shape, dtype=q.dtype)
+        return plan.run(q, self._packed, lengths[0], self._window_k, self._window_v, lengths[1], out=out)
 
     # -- batch editing ------------------------------------------------------------------------------------------
 
@@ -178,15 +224,17 @@ class LayerCache:
         indices = np.asarray(indices, dtype=np.int64)
         if indices.ndim != 1 or indices.min(initial=0) < 0 or indices.max(initial=0) >= self.batch:
             raise ValueError(f"indices must be a 1-D array of sequence numbers below {self.batch}")
-        take = self._xp.asarray(indices)
-        self._packed = {name: array[take] for name, array in self._packed.items()}
-        self._window_k, self._window_v = self._window_k[take], self._window_v[take]
+        with self._stream(Kind.CUPY):  # the storage's device, on the current stream
+            take = self._xp.asarray(indices)
+            self._packed = {name: array[take] for name, array in self._packed.items()}
+            self._window_k, self._window_v = self._window_k[take], self._window_v[take]
         self.packed_lengths, self.window_lengths = self.packed_lengths[indices], self.window_lengths[indices]
         self.batch = len(indices)
 
     def crop(self, length: int) -> None:
         """Drop every token at or after position ``length`` of each sequence. Packed tokens cannot be cropped: a crop
         into the packed part raises ``ValueError``."""
+        length = int(length)
         if (self.packed_lengths > length).any():
             raise ValueError(
                 f"cannot crop to {length} tokens: packed tokens (up to {int(self.packed_lengths.max())}) are "
@@ -202,12 +250,33 @@ class LayerCache:
     # -- storage ------------------------------------------------------------------------------------------------
 
     def _stream(self, kind: Kind):
-        """For a GPU cache, its device and the stream to work on: torch's current one for torch callers."""
+        """For a GPU cache, its device and the stream to work on: torch's current one for torch callers, else the
+        current one."""
         if self._xp is np:
             return contextlib.nullcontext()
         from oscar_cupy import cuda_backend
 
-        return cuda_backend.launch_context(self._window_k.device.id, torch_stream=kind is Kind.TORCH)
+        return cuda_backend.launch_context(self._device_id, torch_stream=kind is Kind.TORCH)
+
+    def _host_lengths(self) -> np.ndarray:
+        return np.stack([self.packed_lengths, self.window_lengths])
+
+    def _lengths_on_device(self):
+        """cupy int64 ``(2, batch)``: packed and window lengths, copied to the device only when they changed other than
+        by :meth:`append` (prefill, flush, crop, reorder, reset: not every step)."""
+        lengths = self._host_lengths()
+        if self._device_lengths_host is None or not np.array_equal(lengths, self._device_lengths_host):
+            self._device_lengths = self._xp.asarray(lengths)
+            self._device_lengths_host = lengths
+        return self._device_lengths
+
+    def _window_slots(self, count: int):
+        """``(rows, slots)`` index arrays ``(batch, 1)`` and ``(batch, count)``: the next ``count`` window positions
+        of every sequence, made on the storage's device."""
+        xp = self._xp
+        rows = xp.arange(self.batch)[:, None]
+        starts = self.window_lengths[:, None] if xp is np else self._lengths_on_device()[1][:, None]
+        return rows, starts + xp.arange(count)[None, :]
 
     def _accept_kv(self, k, v):
         (k_array, k_kind), (v_array, v_kind) = accept(k, "k"), accept(v, "v")
@@ -219,13 +288,25 @@ class LayerCache:
             if (array.shape[0], array.shape[1], array.shape[3]) != expected:
                 raise ValueError(f"{name} has shape {tuple(array.shape)}; expected "
                                  f"({self.batch}, {self.kv_heads}, tokens, {self.head_dim})")
-            if on_gpu(array) != (self._xp is not np):
-                raise ValueError(f"{name} is on another device than the cache's storage")
+            if on_gpu(array) != (self._xp is not np) or (on_gpu(array) and array.device.id != self._device_id):
+                where = "the CPU" if self._xp is np else f"cuda:{self._device_id}"
+                raise ValueError(f"{name} is on {device_of(array)} but the cache's storage on {where}")
         return k_array, v_array, kind
 
     def _allocate(self, tokens: int) -> dict:
         specs = layout.array_specs(self.config, self.batch, self.kv_heads, tokens, self.head_dim)
         return {name: self._xp.zeros(shape, dtype=dtype) for name, (shape, dtype) in specs.items()}
+
+    def _reserve_window(self, tokens: int) -> None:
+        """Grow the window buffers (by whole :data:`WINDOW_SLACK` chunks, up to two windows) to hold ``tokens``."""
+        if tokens <= self._window_k.shape[2]:
+            return
+        size = min(2 * self.config.window, _blocks(tokens, WINDOW_SLACK) * WINDOW_SLACK)
+        for name in ("_window_k", "_window_v"):
+            old = getattr(self, name)
+            grown = self._xp.zeros((*old.shape[:2], size, old.shape[3]), dtype=old.dtype)
+            grown[:, :, : old.shape[2]] = old
+            setattr(self, name, grown)
 
     def _reserve(self, tokens: int) -> None:
         """Grow the packed storage, by doubling, until it holds ``tokens`` tokens per sequence."""
@@ -251,14 +332,14 @@ def _blocks(tokens: int, window: int) -> int:
     return -(-tokens // window)
 
 
-def _module_of(like):
-    """numpy, or cupy when ``like`` is on a GPU."""
+def _storage_of(like):
+    """``(numpy, None)``, or ``(cupy, device id)`` when ``like`` is on a GPU."""
     if like is None:
-        return np
+        return np, None
     array, _ = accept(like, "like")
     if on_gpu(array):
         import cupy
 
-        return cupy
-    return np
+        return cupy, array.device.id
+    return np, None
 

@@ -18,6 +18,7 @@ products accumulate and the softmax runs in float32. Non-finite queries or windo
 
 from __future__ import annotations
 
+import functools
 import math
 
 import cupy
@@ -64,6 +65,7 @@ class DecodePlan:
         if q_heads % kv_heads:
             raise ValueError(f"q has {q_heads} heads, not a multiple of the cache's {kv_heads} KV heads")
         self.config, self.dtype = config, np.dtype(dtype)
+        self.max_packed, self.max_window = max_packed, max_window
         self.batch, self.q_heads, self.kv_heads, self.q_len, self.head_dim = batch, q_heads, kv_heads, q_len, head_dim
         self.rows = q_heads // kv_heads * q_len  # query rows per KV head
         self.row_tiles = 1 if self.rows <= 8 else MAX_ROW_TILES
@@ -83,7 +85,7 @@ class DecodePlan:
             cupy.cuda.driver.funcSetAttribute(
                 self._partial.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, self.shared_bytes
             )
-            slots = _resident_blocks(self._partial, self.shared_bytes, self.device_id)
+            slots = _resident_blocks(self._partial.ptr, self.shared_bytes, self.device_id)
             self._combine = kernels.function(variant, "decode_combine", self.device_id)
         steps = -(-max_packed // STEP)
         units = batch * kv_heads * self.row_blocks
@@ -99,8 +101,8 @@ class DecodePlan:
             self.out = cupy.empty((batch, q_heads, q_len, head_dim), dtype=self.dtype)
             self.lse = cupy.empty((batch, q_heads, q_len), dtype=cupy.float32)
 
-    def run(self, q, packed: dict, packed_lengths, window_k=None, window_v=None, window_lengths=None):
-        """Attention of ``q`` over the packed tokens and the window; returns the plan's ``(out, lse)`` arrays.
+    def run(self, q, packed: dict, packed_lengths, window_k=None, window_v=None, window_lengths=None, out=None):
+        """Attention of ``q`` over the packed tokens and the window; returns ``(out, lse)``.
 
         Args:
             q: cupy ``(batch, q_heads, q_len, head_dim)`` of the plan's dtype, any strides with contiguous channels.
@@ -109,10 +111,12 @@ class DecodePlan:
             packed_lengths: cupy int64 ``(batch,)``, packed tokens per sequence.
             window_k, window_v: cupy ``(batch, kv_heads, window, head_dim)`` of the plan's dtype, or ``None``.
             window_lengths: cupy int64 ``(batch,)``, valid window tokens per sequence (with a window).
+            out: a contiguous cupy ``(batch, q_heads, q_len, head_dim)`` array of the plan's dtype to write the output
+                into (default: the plan's own ``out``, overwritten by the next run).
 
-        ``out`` is ``(batch, q_heads, q_len, head_dim)`` in the plan's dtype and ``lse`` float32
-        ``(batch, q_heads, q_len)`` (natural log), both overwritten by the next run.
+        ``lse`` is the plan's float32 ``(batch, q_heads, q_len)`` (natural log), overwritten by the next run.
         """
+        out = self.out if out is None else out
         config = self.config
         arrays, capacity = _storage(packed, config, self.head_dim)
         norms = arrays.get("norms")
@@ -144,16 +148,48 @@ class DecodePlan:
             (-(-total_rows // WARPS),), (THREADS,),
             (self.partial_o, self.partial_ml, np.int32(self.packed_splits), np.int32(self.splits),
              np.int32(self.kv_heads), np.int32(self.q_len), np.int32(self.rows), np.int32(self.row_blocks),
-             np.int64(total_rows), np.int32(rotate and config.rotate_values), normalization, self.out, self.lse),
+             np.int64(total_rows), np.int32(rotate and config.rotate_values), normalization, out, self.lse),
         )
-        return self.out, self.lse
+        return out, self.lse
 
 
-def _resident_blocks(function, shared_bytes: int, device_id: int) -> int:
-    """Blocks of ``decode_partial`` that the whole GPU holds at once (registers and shared memory permitting)."""
+class PlanCache:
+    """The plans of one cache's decode steps, reused from step to step: a plan is made again only when the query shape,
+    dtype or scale changes, when the longest packed sequence changes (once per flush block) or when the window needs
+    another split (:attr:`WINDOW_CHUNK` tokens each). A decode step therefore allocates and queries nothing.
+
+    Args:
+        config: the cache's :class:`QuantConfig`.
+        kv_heads: the cache's KV heads.
+        device_id: the CUDA device of the cache.
+    """
+
+    def __init__(self, config: QuantConfig, kv_heads: int, device_id: int):
+        self.config, self.kv_heads, self.device_id = config, kv_heads, device_id
+        self._plans: dict[tuple, DecodePlan] = {}
+
+    def plan(self, q, max_packed: int, max_window: int, scale) -> DecodePlan:
+        """A plan for cupy queries ``q`` ``(batch, q_heads, q_len, head_dim)`` over at most ``max_packed`` packed and
+        ``max_window`` window tokens per sequence."""
+        window_splits = -(-max_window // WINDOW_CHUNK)
+        key = (*q.shape, q.dtype, scale, window_splits)
+        plan = self._plans.get(key)
+        if plan is None or plan.max_packed != max_packed:
+            batch, q_heads, q_len, head_dim = q.shape
+            plan = DecodePlan(self.config, batch=batch, q_heads=q_heads, kv_heads=self.kv_heads, q_len=q_len,
+                              head_dim=head_dim, dtype=q.dtype, max_packed=max_packed,
+                              max_window=window_splits * WINDOW_CHUNK, device_id=self.device_id, scale=scale)
+            self._plans[key] = plan
+        return plan
+
+
+@functools.lru_cache(maxsize=None)
+def _resident_blocks(function_ptr: int, shared_bytes: int, device_id: int) -> int:
+    """Blocks of the ``decode_partial`` function at ``function_ptr`` that the whole GPU holds at once (registers and
+    shared memory permitting)."""
     attributes = cupy.cuda.Device(device_id).attributes
-    registers = -(-cupy.cuda.driver.funcGetAttribute(FUNC_NUM_REGS, function.ptr) // 8) * 8 * THREADS
-    static_shared = cupy.cuda.driver.funcGetAttribute(FUNC_SHARED_SIZE_BYTES, function.ptr)
+    registers = -(-cupy.cuda.driver.funcGetAttribute(FUNC_NUM_REGS, function_ptr) // 8) * 8 * THREADS
+    static_shared = cupy.cuda.driver.funcGetAttribute(FUNC_SHARED_SIZE_BYTES, function_ptr)
     shared = shared_bytes + static_shared + 1024  # the driver reserves 1 KiB per block
     per_sm = min(attributes["MaxRegistersPerMultiprocessor"] // registers,
                  attributes["MaxSharedMemoryPerMultiprocessor"] // shared,

@@ -69,7 +69,7 @@ def run(args, progress) -> dict:
     for context, depth, name in progress(jobs, "passkey"):
         key = random.Random(f"{context}-{depth}").randrange(10000, 100000)
         answer = evaluator.passkey(filler, context, depth, key, configs[name])
-        result["passkey"].append({"context": context, "depth": depth, "preset": name, "key": key,
+        result["passkey"].append({"text": args.texts[0], "context": context, "depth": depth, "preset": name, "key": key,
                                   "answer": answer, "found": str(key) in answer})
     if args.agreement_tokens:
         prompt = _tokens(tokenizer, filler, max(args.passkey_contexts + args.contexts), "--texts")
@@ -78,7 +78,8 @@ def run(args, progress) -> dict:
         reference = continuations.get("bf16")
         for name, tokens in continuations.items():
             equal = len(tokens) if reference is None else _leading_equal(tokens, reference)
-            result["agreement"].append({"preset": name, "leading_equal": equal, "of": args.agreement_tokens})
+            result["agreement"].append({"text": args.texts[0], "preset": name, "leading_equal": equal,
+                                        "of": args.agreement_tokens})
     return result
 
 
@@ -193,6 +194,18 @@ def write(result: dict, out: pathlib.Path, plots: bool = True) -> list[pathlib.P
     return written
 
 
+def merge(results: list[dict]) -> dict:
+    """One result of several runs over different texts (same presets and settings otherwise): rows concatenated,
+    texts listed together, each run's passkey and agreement rows labelled with the text they used."""
+    merged = {**results[0], "perplexity": [], "passkey": [], "agreement": []}
+    merged["settings"] = {**results[0]["settings"], "texts": [t for r in results for t in r["settings"]["texts"]]}
+    merged["command"] = " && ".join(r.get("command", "") for r in results)
+    for result in results:
+        for key in ("perplexity", "passkey", "agreement"):
+            merged[key] += [{"text": result["settings"]["texts"][0], **row} for row in result[key]]
+    return merged
+
+
 def markdown(result: dict) -> str:
     """The tables of ``result``: perplexity per (text, context) and cache, passkey hits, agreement."""
     presets = result["settings"]["presets"]
@@ -210,15 +223,17 @@ def markdown(result: dict) -> str:
         for r in result["passkey"]:
             hits, total = found.get((r["context"], r["preset"]), (0, 0))
             found[(r["context"], r["preset"])] = (hits + r["found"], total + 1)
-        lines += ["", "## Passkey retrieval (found / depths)", "", "| context | " + " | ".join(presets) + " |",
+        lines += ["", "## Passkey retrieval (found / tries: depths x filler texts)", "",
+                  "| context | " + " | ".join(presets) + " |",
                   "|---:|" + "---:|" * len(presets)]
         for context in dict.fromkeys(r["context"] for r in result["passkey"]):
             lines.append(f"| {context} | " + " | ".join("{}/{}".format(*found[(context, p)]) for p in presets) + " |")
     if result["agreement"]:
+        equal = {(r.get("text", ""), r["preset"]): f"{r['leading_equal']}/{r['of']}" for r in result["agreement"]}
         lines += ["", "## Greedy tokens equal to the bf16 cache's (leading)", "",
-                  "| " + " | ".join(r["preset"] for r in result["agreement"]) + " |",
-                  "|" + "---:|" * len(result["agreement"]),
-                  "| " + " | ".join(f"{r['leading_equal']}/{r['of']}" for r in result["agreement"]) + " |"]
+                  "| prompt text | " + " | ".join(presets) + " |", "|---|" + "---:|" * len(presets)]
+        for text in dict.fromkeys(text for text, _ in equal):
+            lines.append(f"| {text} | " + " | ".join(equal.get((text, p), "") for p in presets) + " |")
     return "\n".join(lines) + "\n"
 
 

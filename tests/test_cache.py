@@ -120,3 +120,25 @@ def test_bad_inputs(rng):
         cache.prefill(k, v)
     with pytest.raises(ValueError, match="head_dim 96 is not supported"):
         LayerCache(CONFIG, 1, 1, 96, np.float32)
+
+
+def test_window_buffer_grows_only_for_chunks_larger_than_the_slack(rng):
+    """The window buffers hold one window plus WINDOW_SLACK tokens (decode steps never grow them); a larger chunk
+    grows them, up to two windows, keeping the tokens held."""
+    from oscar_cupy.cache import WINDOW_SLACK
+
+    config = CONFIG.replace(window=128)  # same groups as CONFIG, so reference() applies
+    k, v = random_kv(rng, batch=2, kv_heads=2, tokens=400, head_dim=64)
+    cache = LayerCache(config, 2, 2, 64, np.float32)
+    assert cache._window_k.shape[2] == 128 + WINDOW_SLACK
+    cache.prefill(k[:, :, :100], v[:, :, :100])
+    for t in range(100, 150):  # one flush at 128 tokens; 22 left in the window
+        cache.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        cache.flush()
+    cache.append(k[:, :, 150:250], v[:, :, 150:250])  # 122 tokens: within the slack
+    assert cache._window_k.shape[2] == 128 + WINDOW_SLACK and cache.window_lengths.tolist() == [122, 122]
+    cache.append(k[:, :, 250:330], v[:, :, 250:330])  # 202 tokens: grows to 256 (no flush: it fits two windows)
+    assert cache._window_k.shape[2] == 256 and cache.packed_lengths.tolist() == [128, 128]
+    q = rng.standard_normal((2, 4, 1, 64)).astype(np.float32)
+    _, expected = reference(k, v, np.full(2, 330), cache.packed_lengths, q)
+    np.testing.assert_allclose(cache.attend(q), expected, rtol=1e-5, atol=1e-6)

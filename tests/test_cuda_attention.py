@@ -181,6 +181,46 @@ def test_layer_cache_views_and_torch_stream(rng):
     assert relative_error(result.cpu().numpy(), reference) <= TOLERANCE[np.dtype(np.float16)]
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["equal-windows", "mixed-windows"])
+def test_layer_cache_decode_loop_keeps_plans_and_device_lengths(rng, mixed):
+    """Many decode steps through LayerCache on the GPU (append, attend, flush as the adapter does, across several
+    flushes and a crop and a reorder): every step equals the CPU cache's; a plan is reused between flushes and the
+    device's copy of the lengths follows every change."""
+    from oscar_cupy.cache import LayerCache
+
+    config = oc.QuantConfig(window=32)
+    steps, prompt = 100, 70
+    k, v = random_kv(rng, batch=3, kv_heads=2, tokens=prompt + steps, head_dim=64, dtype=BF16)
+    queries = (rng.standard_normal((steps, 3, 6, 1, 64)) * 2).astype(BF16)
+    cpu = LayerCache(config, 3, 2, 64, BF16)
+    gpu = LayerCache(config, 3, 2, 64, BF16, like=cupy.asarray(k))
+    lengths = [prompt, prompt - 30, prompt - 5] if mixed else None
+    for cache, convert in ((cpu, np.asarray), (gpu, cupy.asarray)):
+        cache.prefill(convert(k[:, :, :prompt]), convert(v[:, :, :prompt]), lengths=lengths)
+    plans = {}
+    for step in range(steps):
+        token = slice(prompt + step, prompt + step + 1)
+        if step == 40:  # drop the newest window token of every sequence (a rejected speculative token)
+            for cache in (cpu, gpu):
+                cache.crop(int(cache.lengths.max()) - 1)
+        if step == 70:
+            for cache in (cpu, gpu):
+                cache.reorder([2, 0, 1])
+            k, v, queries = k[[2, 0, 1]], v[[2, 0, 1]], queries[:, [2, 0, 1]]
+        poison_memory_pool()
+        outputs = []
+        for cache, convert in ((cpu, np.asarray), (gpu, cupy.asarray)):
+            cache.append(convert(k[:, :, token]), convert(v[:, :, token]))
+            outputs.append(cache.attend(convert(queries[step])))
+            cache.flush()
+        assert relative_error(cupy.asnumpy(outputs[1]), outputs[0]) <= TOLERANCE[BF16], step
+        plans.update({id(plan): plan for plan in gpu._plans._plans.values()})  # kept alive: ids stay unique
+        np.testing.assert_array_equal(cupy.asnumpy(gpu._lengths_on_device()),
+                                      np.stack([cpu.packed_lengths, cpu.window_lengths]))
+    assert gpu.packed_lengths.max() >= 4 * config.window
+    assert len(plans) < steps // 4  # re-planned at flushes, window splits and the reorder, not every step
+
+
 def test_strided_queries_as_transformers_hands_them(rng):
     q, qkv, wk, wv, lengths = make_case(rng, group=3, q_len=2)
     q_bthd = cupy.asarray(np.ascontiguousarray(q.transpose(0, 2, 1, 3)))

@@ -96,3 +96,35 @@ def test_real_smollm2_gpu_decode_matches_the_cpu_reference_path():
     print(f"GPU vs CPU logits: oscar-2 {error:.4f}, unquantized bf16 {platform:.4f}; leading tokens agreeing {agree}")
     assert error < 4 * platform, (error, platform)
     assert agree >= 10, (agree, tokenizer.decode(generated[0, 300:]))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_model_spread_over_two_gpus(tmp_path):
+    """A model loaded with a device map over two GPUs (as ``device_map="auto"`` spreads a model too large for one):
+    each layer's cache and kernels live on that layer's GPU, and the logits and greedy tokens equal those of the same
+    model on one GPU."""
+    pytest.importorskip("accelerate")
+    tiny_model("llama").to(torch.float16).save_pretrained(tmp_path)
+    layers = transformers.AutoConfig.from_pretrained(tmp_path).num_hidden_layers
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": 1,
+                  **{f"model.layers.{i}": 0 if i < layers // 2 else 1 for i in range(layers)}}
+    config = oc.QuantConfig.preset("oscar-2", window=32)
+    tokens = torch.randint(0, 256, (2, 150))
+    results = {}
+    for name, placement in (("one", {"": 0}), ("two", device_map)):
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float16,
+                                                                  device_map=placement).eval()
+        cache = enable_oscar(model, config)
+        logits = teacher_forced_logits(model, tokens.to("cuda:0"), cache, 70).float().cpu()
+        with torch.no_grad():
+            generated = model.generate(tokens[:, :70].to("cuda:0"), max_new_tokens=30, do_sample=False,
+                                       past_key_values=enable_oscar(model, config))
+        if name == "two":
+            devices = [layer.cache._window_k.device.id for layer in cache.layers]
+            assert devices == [0 if i < layers // 2 else 1 for i in range(layers)]
+            assert {layer.cache._packed["k_codes"].device.id for layer in cache.layers} == {0, 1}
+        disable_oscar(model)
+        results[name] = logits, generated.cpu()
+    (one, one_tokens), (two, two_tokens) = results["one"], results["two"]
+    assert ((two - one).norm() / one.norm()).item() < 1e-3
+    assert torch.equal(two_tokens, one_tokens)

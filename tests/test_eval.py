@@ -44,6 +44,27 @@ def test_eval_writes_json_markdown_and_plots(tiny_model_folder, text_file, tmp_p
     assert (out / "perplexity.png").stat().st_size > 1000 and (out / "bits.png").stat().st_size > 1000
 
 
+def test_runs_over_different_texts_merge_into_one_result(tiny_model_folder, text_file, tmp_path):
+    """Two runs side by side (different texts) merge into one result: rows concatenated, passkey and agreement rows
+    labelled with their text, the agreement table a row per text."""
+    from oscar_cupy import evaluation
+
+    second = tmp_path / "second.txt"
+    second.write_text(text_file.read_text()[::-1])
+    results = []
+    for name, text in (("a", text_file), ("b", second)):
+        assert cli.main(["eval", "--model", str(tiny_model_folder), "--texts", str(text), "--out",
+                         str(tmp_path / name), "--no-plots", *SMALL]) == 0
+        results.append(json.loads((tmp_path / name / "eval.json").read_text()))
+    merged = evaluation.merge(results)
+    assert merged["settings"]["texts"] == [str(text_file), str(second)]
+    assert len(merged["perplexity"]) == 12 and len(merged["passkey"]) == 12 and len(merged["agreement"]) == 6
+    assert {r["text"] for r in merged["agreement"]} == {str(text_file), str(second)}
+    table = evaluation.markdown(merged)
+    assert "| 96 | " in table and "/4 |" in table  # passkey: two depths x two texts
+    assert f"| {second} | 6/6 |" in table
+
+
 @pytest.mark.parametrize("option", [["--presets", "oscar-3"], ["--contexts", "0"], ["--contexts", "a,b"],
                                     ["--passkey-depths", "deep"], ["--device", "tpu"]])
 def test_bad_options_exit_2(option):

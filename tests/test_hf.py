@@ -207,3 +207,22 @@ def test_cache_invariants_after_every_step():
                 model(tokens[:, fed : fed + 1], past_key_values=cache)
     disable_oscar(model)
     assert cache.layers[0].cache.packed_lengths.tolist() == [128, 128]
+
+
+def test_crop_takes_the_counts_transformers_passes():
+    """crop(-n) removes n tokens, crop(n) keeps n, crop(0) does nothing; transformers >= 5.17 passes the count as a 0-d
+    tensor, older ones as an int."""
+    model = tiny_model("llama")
+    cache = enable_oscar(model, oc.QuantConfig(window=32))
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 40)), past_key_values=cache)  # 32 packed, 8 in the window
+    disable_oscar(model)
+    layer = cache.layers[0]
+    layer.crop(torch.tensor(-3))
+    assert layer.get_seq_length() == 37
+    layer.crop(0)
+    assert layer.get_seq_length() == 37
+    layer.crop(35)
+    assert layer.get_seq_length() == 35 and layer.cache.packed_lengths.tolist() == [32]
+    with pytest.raises(ValueError, match="cannot crop"):
+        layer.crop(torch.tensor(-5))

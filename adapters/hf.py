@@ -149,11 +149,78 @@ def oscar_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     output = layer.cache.attend(query, scale=scaling)  # (batch, q_heads, q_len, head_dim)
-    with _torch_stream(query.device):
-        # after the step's attention, as the method prescribes; a step of several tokens (assisted generation's
-        # verification) keeps all but the first in the window, so that rejecting them is a crop of the window
-        layer.cache.flush(keep=query.shape[2] - 1)
+    if not layer.cache.capturable:  # a CudaGraphDecoder flushes between its steps
+        with _torch_stream(query.device):
+            # after the step's attention, as the method prescribes; a step of several tokens (assisted generation's
+            # verification) keeps all but the first in the window, so that rejecting them is a crop of the window
+            layer.cache.flush(keep=query.shape[2] - 1)
     return output.transpose(1, 2).contiguous(), None
+
+
+class CudaGraphDecoder:
+    """Decode steps of a model with a prefilled :class:`OscarCache`, replayed from a captured CUDA graph, so that a
+    step costs the GPU's time rather than Python's (no launch of each layer's kernels from the host).
+
+        cache = enable_oscar(model, config)
+        logits = model(prompt, past_key_values=cache).logits[:, -1]   # the prefill, as usual
+        decoder = CudaGraphDecoder(model, cache)
+        for _ in range(steps):
+            logits = decoder.step(logits.argmax(-1, keepdim=True))     # (batch, vocab)
+
+    One token per sequence per step, each sequence continuing from its own length (left padding of the prompt is not
+    stored). The first step, and the first after each flush, runs eagerly (it makes the attention plans for the new
+    packed length); the next is captured and the following ones replay it; flushes run between steps, outside the
+    graph. Every layer must be an :class:`OscarLayer` (no full-precision layers) on one CUDA device. Do not use the
+    cache with the model directly while a decoder drives it.
+    """
+
+    def __init__(self, model, cache: OscarCache):
+        if not all(isinstance(layer, OscarLayer) and layer.is_initialized for layer in cache.layers):
+            raise ValueError("CudaGraphDecoder needs a prefilled OscarCache whose layers are all quantized; run the "
+                             "prompt through the model first")
+        devices = sorted({str(layer.device) for layer in cache.layers})
+        if len(devices) != 1 or not devices[0].startswith("cuda"):
+            raise ValueError(f"CudaGraphDecoder needs every layer on one CUDA device, got {', '.join(devices)}")
+        device = cache.layers[0].device
+        self.model, self.cache = model, cache
+        self._stores = [layer.cache for layer in cache.layers]
+        for store in self._stores:
+            store.capturable = True
+        self._tokens = torch.zeros(self._stores[0].batch, 1, dtype=torch.long, device=device)
+        self._positions = torch.as_tensor(self._stores[0].lengths, device=device).view(-1, 1)  # next position
+        self._graph, self._logits, self._eager_next = None, None, True
+        self.replays = 0  # steps run by replaying a graph so far
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` ``(batch, 1)``; return the next-token logits ``(batch, vocab)`` (a new tensor)."""
+        self._tokens.copy_(tokens)
+        if self._eager_next:
+            logits, self._eager_next = self._forward(), False
+        elif self._graph is None:
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph, capture_error_mode="relaxed"):
+                self._logits = self._forward()  # recorded, not run; the host side of the step is done
+            self._graph.replay()
+            logits = self._logits
+        else:
+            for store in self._stores:
+                store.advance_window(1)  # the host side of a replayed step
+            self._graph.replay()
+            logits = self._logits
+            self.replays += 1
+        logits = logits.clone()
+        self._positions += 1
+        if any((store.window_lengths >= store.config.window).any() for store in self._stores):
+            with _torch_stream(self._tokens.device):
+                for store in self._stores:
+                    store.flush()
+            self._graph, self._logits, self._eager_next = None, None, True
+        return logits
+
+    def _forward(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(input_ids=self._tokens, position_ids=self._positions, past_key_values=self.cache,
+                              use_cache=True).logits[:, -1]
 
 
 def enable_oscar(model, config: QuantConfig | None = None) -> OscarCache:

@@ -3,7 +3,9 @@
 Models: a Llama-3.1-8B shape (32 layers, 32/8 heads, head_dim 128) and a Qwen3-8B shape (q/k norms), both with random
 bf16 weights (speed does not depend on them), and the real SmolLM2-135M-Instruct. Caches: transformers' DynamicCache
 with SDPA (bf16), oscar-2 and oscar-4 through the Hugging Face adapter, and transformers' own quantized cache when its
-backend (quanto or hqq) is installed.
+backend (quanto or hqq) is installed. Each also as ``+graph``: its decode steps replayed from a CUDA graph (ours through
+``oscar_cupy.adapters.hf.CudaGraphDecoder``; for bf16, transformers' StaticCache in a graph), which removes the host
+overhead of launching every layer's kernels from Python.
 
 For each batch x context, every layer's cache is filled with ``context`` random bf16 keys and values per sequence, as
 a prefill leaves it (the OScaR caches quantize and pack them with their own kernels; decode speed does not depend on the
@@ -32,7 +34,7 @@ import torch
 import transformers
 
 import oscar_cupy as oc
-from oscar_cupy.adapters.hf import OscarCache, OscarLayer, disable_oscar, enable_oscar
+from oscar_cupy.adapters.hf import CudaGraphDecoder, OscarCache, OscarLayer, disable_oscar, enable_oscar
 
 SHAPES = {
     "llama8b": lambda: transformers.LlamaConfig(
@@ -45,7 +47,7 @@ SHAPES = {
         vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=64, max_position_embeddings=4096),
 }
-CACHES = ("bf16", "oscar-2", "oscar-4", "hf-quantized")
+CACHES = ("bf16", "bf16+graph", "oscar-2", "oscar-2+graph", "oscar-4", "oscar-4+graph", "hf-quantized")
 
 
 def load(name: str, device: str):
@@ -59,11 +61,15 @@ def load(name: str, device: str):
         return transformers.AutoModelForCausalLM.from_config(SHAPES[name](), dtype=torch.bfloat16).eval()
 
 
-def make_cache(model, cache: str):
-    """The cache object for ``cache``, the model set up for it; ``None`` when it cannot be made here."""
+def make_cache(model, cache: str, tokens: int = 0):
+    """The cache object for ``cache`` (``+graph``: the same cache, its decode steps replayed from a CUDA graph; for
+    bf16 that is transformers' StaticCache of ``tokens`` tokens), the model set up for it; ``None`` when it cannot be
+    made here."""
     disable_oscar(model)
     if cache == "bf16":
         return transformers.DynamicCache(config=model.config)
+    if cache == "bf16+graph":
+        return transformers.StaticCache(config=model.config, max_cache_len=tokens)
     if cache == "hf-quantized":
         for backend in ("quanto", "HQQ"):
             try:
@@ -71,7 +77,7 @@ def make_cache(model, cache: str):
             except (ImportError, ValueError, TypeError):
                 continue
         return None
-    return enable_oscar(model, oc.QuantConfig.preset(cache))
+    return enable_oscar(model, oc.QuantConfig.preset(cache.removesuffix("+graph")))
 
 
 def kv_shape(model) -> tuple[int, int]:
@@ -90,8 +96,8 @@ def fill(model, cache, batch: int, context: int, device: str) -> None:
         if isinstance(layer, OscarLayer):
             layer.lazy_initialization(k, v)
             layer.cache.prefill(k, v)
-        else:
-            cache.update(k, v, index)
+        else:  # DynamicCache, or StaticCache (transformers 5.17 reads the positions from the cache kwargs)
+            cache.update(k, v, index, {"cache_position": torch.arange(context, device=device)})
         del k, v
 
 
@@ -128,13 +134,55 @@ def free(device: str):
     torch.cuda.reset_peak_memory_stats()
 
 
-def decode_steps(model, cache, token, steps: int, device: str) -> tuple[list[float], torch.Tensor]:
+class StaticCacheGraph:
+    """The bf16 baseline without Python overhead: transformers' StaticCache, decode steps replayed from a CUDA graph
+    (the first step eager, the second captured)."""
+
+    def __init__(self, model, cache, batch: int, context: int):
+        self.model, self.cache = model, cache
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
+        self.positions = torch.full((batch, 1), context, dtype=torch.long, device=model.device)
+        self.cache_position = torch.full((1,), context, dtype=torch.long, device=model.device)
+        self.graph, self.logits, self.warm = None, None, False
+
+    def step(self, token):
+        self.tokens.copy_(token)
+        if not self.warm:
+            logits, self.warm = self.forward(), True
+        elif self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, capture_error_mode="relaxed"):
+                self.logits = self.forward()
+            self.graph.replay()
+            logits = self.logits
+        else:
+            self.graph.replay()
+            logits = self.logits
+        self.positions += 1
+        self.cache_position += 1
+        return logits.clone()
+
+    def forward(self):
+        return self.model(input_ids=self.tokens, position_ids=self.positions, cache_position=self.cache_position,
+                          past_key_values=self.cache, use_cache=True).logits[:, -1]
+
+
+def stepper(model, cache, cache_name: str, batch: int, context: int):
+    """The decode step of ``cache_name`` as a function of the tokens ``(batch, 1)``, returning logits: the model's
+    forward, or for ``+graph`` a replayed CUDA graph (oscar_cupy's CudaGraphDecoder; StaticCacheGraph for bf16)."""
+    if cache_name == "bf16+graph":
+        return StaticCacheGraph(model, cache, batch, context).step
+    if cache_name.endswith("+graph"):
+        return CudaGraphDecoder(model, cache).step
+    return lambda token: model(token, past_key_values=cache, use_cache=True).logits[:, -1]
+
+
+def decode_steps(step, token, steps: int, device: str) -> tuple[list[float], torch.Tensor]:
     """Wall seconds of ``steps`` greedy decode steps from ``token`` ``(batch, 1)``, each synchronized."""
     latencies = []
     for _ in range(steps):
         began = time.perf_counter()
-        logits = model(token, past_key_values=cache, use_cache=True).logits[:, -1]
-        token = logits.argmax(-1, keepdim=True)
+        token = step(token).argmax(-1, keepdim=True)
         sync(device)
         latencies.append(time.perf_counter() - began)
     return latencies, token
@@ -145,15 +193,18 @@ def measure(model, cache_name: str, batch: int, context: int, steps: int, device
     """Fill the cache with ``context`` tokens for ``batch`` sequences, then time ``steps`` greedy decode steps (after
     three untimed ones)."""
     free(device)
-    cache = make_cache(model, cache_name)
+    if cache_name.endswith("+graph") and device != "cuda":
+        return None
+    cache = make_cache(model, cache_name, tokens=context + steps + 16)
     if cache is None:
         return None
     with torch.no_grad():
         fill(model, cache, batch, context, device)
+        step = stepper(model, cache, cache_name, batch, context)
         token = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
-        _, token = decode_steps(model, cache, token, 3, device)
-        latencies, token = decode_steps(model, cache, token, steps, device)
-        split = step_breakdown(model, cache, token, device) if breakdown and device == "cuda" else None
+        _, token = decode_steps(step, token, 3, device)
+        latencies, token = decode_steps(step, token, steps, device)
+        split = step_breakdown(step, token, device) if breakdown and device == "cuda" else None
     median = statistics.median(latencies)
     row = dict(cache=cache_name, batch=batch, context=context, step_median_ms=1e3 * median,
                step_p90_ms=1e3 * sorted(latencies)[int(0.9 * (len(latencies) - 1))], tokens_per_s=batch / median,
@@ -178,7 +229,7 @@ KERNEL_KINDS = (("attention", ("decode_partial", "decode_combine", "flash", "fmh
                 ("cache writes", ("quantize", "pack", "copy", "memcpy", "memset", "cat", "index", "scatter", "fill")))
 
 
-def step_breakdown(model, cache, token, device: str, steps: int = 5) -> dict:
+def step_breakdown(step, token, device: str, steps: int = 5) -> dict:
     """Per decode step (mean of ``steps``): wall ms, GPU kernel ms by kind (attention, cache writes, the rest of the
     model) and the host overhead left over (wall minus all kernel time: launches, Python, synchronization)."""
     from torch.autograd import DeviceType
@@ -186,7 +237,7 @@ def step_breakdown(model, cache, token, device: str, steps: int = 5) -> dict:
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         began = time.perf_counter()
-        decode_steps(model, cache, token, steps, device)
+        decode_steps(step, token, steps, device)
         wall = (time.perf_counter() - began) / steps
     kinds = {"attention": 0.0, "cache writes": 0.0, "model": 0.0}
     for event in prof.key_averages():
@@ -203,7 +254,7 @@ def step_breakdown(model, cache, token, device: str, steps: int = 5) -> dict:
 def prefill_time(model, cache_name: str, context: int, device: str) -> float | None:
     """Seconds of the model's forward over a batch-1 prompt of ``context`` tokens into a fresh cache."""
     free(device)
-    if make_cache(model, cache_name) is None:
+    if cache_name.endswith("+graph") or make_cache(model, cache_name) is None:  # prefill runs eagerly either way
         return None
     prompt = torch.randint(0, model.config.vocab_size, (1, context), device=device)
     with torch.no_grad():
@@ -221,7 +272,9 @@ def max_batch(model, cache_name: str, context: int, budget: int, device: str) ->
     """The largest batch whose KV cache at ``context`` tokens fits the budget beside the weights: the allocated bytes
     of a one-sequence cache (window buffers included) scaled; 10% kept for activations."""
     free(device)
-    cache = make_cache(model, cache_name)
+    if cache_name.endswith("+graph") and device != "cuda":
+        return 0
+    cache = make_cache(model, cache_name, tokens=context + 64)
     if cache is None:
         return 0
     with torch.no_grad():
@@ -235,6 +288,7 @@ def max_batch(model, cache_name: str, context: int, budget: int, device: str) ->
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="llama8b,qwen3-8b,smollm2")
+    parser.add_argument("--caches", default=",".join(CACHES))
     parser.add_argument("--batches", default="1,8,16,32")
     parser.add_argument("--contexts", default="4096,16384,32768")
     parser.add_argument("--long", type=int, default=131072, help="the extra context at batch 1 (0: none)")
@@ -258,7 +312,7 @@ def main():
         args.prefill_contexts, args.breakdown, args.budget_context, args.budget_gb = "300", "", 300, 0.05
     command = "python bench/e2e.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "tiny", "from_json"))
-    batches, contexts = _ints(args.batches), _ints(args.contexts)
+    batches, contexts, caches = _ints(args.batches), _ints(args.contexts), args.caches.split(",")
     breakdown = {tuple(int(x) for x in shape.split("x")) for shape in args.breakdown.split(",") if shape}
 
     rows, prefills, capacity = [], [], []
@@ -266,7 +320,7 @@ def main():
         model = load(name, args.device)
         shapes = [(b, c) for b in batches for c in contexts] + ([(1, args.long)] if args.long else [])
         for batch, context in shapes:
-            for cache in CACHES:
+            for cache in caches:
                 row = _guarded(measure, model, cache, batch, context, args.steps, args.device,
                                breakdown=(batch, context) in breakdown)
                 if row is None:
@@ -274,13 +328,13 @@ def main():
                 rows.append({"model": name, "cache": cache, "batch": batch, "context": context, **row})
                 print(rows[-1], flush=True)
         for context in _ints(args.prefill_contexts):
-            for cache in CACHES:
+            for cache in caches:
                 seconds = _guarded(prefill_time, model, cache, context, args.device)
                 if seconds is not None:
                     prefills.append({"model": name, "cache": cache, "context": context,
                                      **(seconds if isinstance(seconds, dict) else {"prefill_s": seconds})})
                     print(prefills[-1], flush=True)
-        for cache in CACHES:
+        for cache in caches:
             fits = max_batch(model, cache, args.budget_context, int(args.budget_gb * 2**30), args.device)
             if fits:
                 row = _guarded(measure, model, cache, fits, args.budget_context, args.steps, args.device)
@@ -331,26 +385,28 @@ def write(result: dict, out: pathlib.Path, stem: str) -> None:
         print("no matplotlib: no plot")
 
 
-def _baseline(result: dict, row: dict, key: str = "rows") -> dict | None:
-    """The bf16 row of the same model and shape."""
-    return next((r for r in result[key] if r["cache"] == "bf16" and "error" not in r and
+def _baseline(result: dict, row: dict, key: str = "rows", baseline: str = "bf16") -> dict | None:
+    """The ``baseline`` row of the same model and shape."""
+    return next((r for r in result[key] if r["cache"] == baseline and "error" not in r and
                  all(r.get(k) == row.get(k) for k in ("model", "batch", "context"))), None)
 
 
 def markdown(result: dict) -> str:
     lines = [f"# End-to-end decoding, {result['device']}, {result['date'][:10]}", "", f"`{result['command']}`", "",
              "Decode steps over caches filled with `context` tokens per sequence (tokens/s = batch / median step).", "",
-             "| model | batch | context | cache | step median (ms) | step p90 (ms) | tokens/s | vs bf16 | KV bytes | "
-             "KV vs bf16 | peak GPU (GB) |", "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | batch | context | cache | step median (ms) | step p90 (ms) | tokens/s | vs bf16 | vs bf16+graph | "
+             "KV bytes | KV vs bf16 | peak GPU (GB) |", "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['cache']} | {r['error']} | | | | | | |")
+            lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['cache']} | {r['error']} | | | | | | | |")
             continue
-        base = _baseline(result, r)
+        base, graph_base = _baseline(result, r), _baseline(result, r, baseline="bf16+graph")
         speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
+        graph_speed = f"{r['tokens_per_s'] / graph_base['tokens_per_s']:.2f}x" if graph_base else ""
         smaller = f"{r['kv_bytes_bf16'] / r['kv_bytes']:.2f}x smaller" if r["cache"] != "bf16" else ""
         lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['cache']} | {r['step_median_ms']:.2f} | "
-                     f"{r['step_p90_ms']:.2f} | {r['tokens_per_s']:.1f} | {speed} | {r['kv_bytes']:,} | {smaller} | "
+                     f"{r['step_p90_ms']:.2f} | {r['tokens_per_s']:.1f} | {speed} | {graph_speed} | {r['kv_bytes']:,} | "
+                     f"{smaller} | "
                      f"{r.get('peak_gpu_bytes', 0) / 1e9:.1f} |")
     split = [r for r in result["rows"] if "breakdown_ms" in r]
     if split:

@@ -19,7 +19,7 @@ import contextlib
 import numpy as np
 
 from oscar_cupy import layout
-from oscar_cupy.arrays import Kind, accept, check_float, check_rank, device_of, on_gpu, same_kind
+from oscar_cupy.arrays import Kind, accept, check_float, check_rank, device_of, kind_of, on_gpu, same_kind
 from oscar_cupy.attention import decode_attention
 from oscar_cupy.config import QuantConfig
 from oscar_cupy.quantized_kv import KV_AXES, QuantizedKV, quantize_kv
@@ -37,6 +37,11 @@ class LayerCache:
         dtype: dtype of the full-precision window (the model's dtype).
         like: an array whose kind and device the storage follows (numpy for the CPU, cupy for a GPU); default numpy.
         capacity: initial packed capacity in tokens (rounded up to whole flush blocks).
+
+    On a GPU, a decode step (:meth:`append`, :meth:`attend`) copies nothing from the host and allocates only its output:
+    plans are kept from step to step and the lengths live on the device too. With ``capturable`` set, :meth:`attend`
+    returns the plan's own output (overwritten by the next call) and sizes plans for the whole window buffer, so a
+    step allocates nothing and can be captured in a CUDA graph (:class:`oscar_cupy.adapters.hf.CudaGraphDecoder`).
     """
 
     def __init__(self, config: QuantConfig, batch: int, kv_heads: int, head_dim: int, dtype, like=None,
@@ -59,6 +64,7 @@ class LayerCache:
         self._device_lengths = None
         self._device_lengths_host = None
         self._plans = None
+        self.capturable = False  # GPU: see the class docstring
 
     # -- sizes --------------------------------------------------------------------------------------------------
 
@@ -102,8 +108,8 @@ class LayerCache:
         be empty (see :meth:`reset`); attend over the prompt in full precision before or after, as the model does."""
         if self.lengths.any():
             raise ValueError("prefill needs an empty cache; call reset() first, or append() to add tokens")
-        k_array, v_array, kind = self._accept_kv(k, v)
-        with self._stream(kind):
+        with self._stream_for(k):
+            k_array, v_array = self._accept_kv(k, v)
             tokens = k_array.shape[2]
             lengths = np.full(self.batch, tokens, np.int64) if lengths is None else np.asarray(lengths, np.int64)
             if lengths.shape != (self.batch,) or lengths.min(initial=0) < 0 or lengths.max(initial=0) > tokens:
@@ -126,28 +132,35 @@ class LayerCache:
 
         A window that is full is packed first (normally :meth:`flush` did that after the previous step's attention).
         """
-        k_array, v_array, kind = self._accept_kv(k, v)
-        with self._stream(kind):
+        with self._stream_for(k):
+            k_array, v_array = self._accept_kv(k, v)
             count = k_array.shape[2]
             if count > self.config.window:
                 raise ValueError(f"append takes at most window={self.config.window} tokens at a time, got {count}")
             if (self.window_lengths + count > 2 * self.config.window).any():
                 self.flush()
             self._reserve_window(int((self.window_lengths + count).max()))
-            starts = self.window_lengths
-            if (starts == starts[0]).all():  # the usual case: one slice for the whole batch
-                self._window_k[:, :, starts[0] : starts[0] + count] = k_array
-                self._window_v[:, :, starts[0] : starts[0] + count] = v_array
-            else:  # each sequence at its own window position, in one indexed assignment: (B, count, Hk, D)
-                rows, slots = self._window_slots(count)
-                self._window_k[rows, :, slots] = k_array.swapaxes(1, 2)
-                self._window_v[rows, :, slots] = v_array.swapaxes(1, 2)
-            device_current = self._device_lengths_host is not None and np.array_equal(
-                self._device_lengths_host, np.stack([self.packed_lengths, starts]))
-            self.window_lengths = starts + count
-            if device_current:  # keep the device's lengths current without a copy
-                self._device_lengths[1] += count
-                self._device_lengths_host = self._host_lengths()
+            if self._xp is np:  # each sequence at its own window position: (B, count, Hk, D)
+                slots = self.window_lengths[:, None] + np.arange(count)[None, :]
+                self._window_k[np.arange(self.batch)[:, None], :, slots] = k_array.swapaxes(1, 2)
+                self._window_v[np.arange(self.batch)[:, None], :, slots] = v_array.swapaxes(1, 2)
+            else:  # positions read on the device, lengths advanced there: no copy from the host, capturable
+                from oscar_cupy import cuda_backend
+
+                for array, name in ((k_array, "k"), (v_array, "v")):
+                    if array.dtype != self.dtype:
+                        raise TypeError(f"{name} has dtype {array.dtype} but the cache's window holds {self.dtype}")
+                lengths = self._lengths_on_device()
+                cuda_backend.append_window(k_array, v_array, self._window_k, self._window_v, lengths[1])
+                lengths[1] += count
+            self.advance_window(count)
+
+    def advance_window(self, count: int) -> None:
+        """Count ``count`` more window tokens per sequence: what :meth:`append` does after writing them, and all a
+        replayed CUDA graph of a decode step leaves to the host (the device's copy of the lengths advanced in it)."""
+        self.window_lengths = self.window_lengths + count
+        if self._device_lengths_host is not None:
+            self._device_lengths_host = self._host_lengths()
 
     def flush(self, keep: int = 0) -> None:
         """Pack the oldest ``window`` tokens of every sequence whose window holds at least ``window + keep``: the
@@ -181,9 +194,9 @@ class LayerCache:
     def attend(self, q, scale=None, return_lse=False):
         """Decode attention of ``q`` ``(batch, q_heads, q_len, head_dim)`` over the packed part and the window
         (:func:`oscar_cupy.decode_attention`): the queries are the last ``q_len`` tokens held, so append them first."""
-        q_array, kind = accept(q, "q")
         window = int(self.window_lengths.max(initial=0))
-        with self._stream(kind):
+        with self._stream_for(q):  # torch tensors convert on torch's stream (no cross-stream wait, capturable)
+            q_array, kind = accept(q, "q")
             if self._xp is np:
                 result = decode_attention(q_array, self.packed(), self._window_k[:, :, :window],
                                           self._window_v[:, :, :window], lengths=self.window_lengths, scale=scale,
@@ -191,11 +204,11 @@ class LayerCache:
             else:
                 result = self._attend_gpu(q_array, scale)
                 result = result if return_lse else result[0]
-        return tuple(kind.wrap(r) for r in result) if return_lse else kind.wrap(result)
+            return tuple(kind.wrap(r) for r in result) if return_lse else kind.wrap(result)
 
     def _attend_gpu(self, q, scale):
         """cupy ``(out, lse)`` of the fused kernel for cupy ``q``, through a plan kept from step to step (a new ``out``
-        each call; ``lse`` is the plan's, overwritten by the next call)."""
+        each call, or the plan's own when :attr:`capturable`; ``lse`` is the plan's, overwritten by the next call)."""
         import cupy
 
         from oscar_cupy import cuda_attention
@@ -211,10 +224,10 @@ class LayerCache:
         scale = 1.0 / np.sqrt(self.head_dim) if scale is None else float(scale)
         if self._plans is None:
             self._plans = cuda_attention.PlanCache(self.config, self.kv_heads, self._device_id)
-        plan = self._plans.plan(q, int(self.packed_lengths.max(initial=0)), int(self.window_lengths.max(initial=0)),
-                                scale)
+        window = self._window_k.shape[2] if self.capturable else int(self.window_lengths.max(initial=0))
+        plan = self._plans.plan(q, int(self.packed_lengths.max(initial=0)), window, scale)
         lengths = self._lengths_on_device()
-        out = cupy.empty(q.shape, dtype=q.dtype)
+        out = None if self.capturable else cupy.empty(q.shape, dtype=q.dtype)
         return plan.run(q, self._packed, lengths[0], self._window_k, self._window_v, lengths[1], out=out)
 
     # -- batch editing ------------------------------------------------------------------------------------------
@@ -249,6 +262,14 @@ class LayerCache:
 
     # -- storage ------------------------------------------------------------------------------------------------
 
+    def _stream_for(self, argument):
+        """:meth:`_stream` for the kind of ``argument`` (checked later, by :func:`accept`)."""
+        try:
+            kind = kind_of(argument)
+        except TypeError:
+            kind = Kind.NUMPY
+        return self._stream(kind)
+
     def _stream(self, kind: Kind):
         """For a GPU cache, its device and the stream to work on: torch's current one for torch callers, else the
         current one."""
@@ -270,17 +291,9 @@ class LayerCache:
             self._device_lengths_host = lengths
         return self._device_lengths
 
-    def _window_slots(self, count: int):
-        """``(rows, slots)`` index arrays ``(batch, 1)`` and ``(batch, count)``: the next ``count`` window positions
-        of every sequence, made on the storage's device."""
-        xp = self._xp
-        rows = xp.arange(self.batch)[:, None]
-        starts = self.window_lengths[:, None] if xp is np else self._lengths_on_device()[1][:, None]
-        return rows, starts + xp.arange(count)[None, :]
-
     def _accept_kv(self, k, v):
         (k_array, k_kind), (v_array, v_kind) = accept(k, "k"), accept(v, "v")
-        kind = same_kind([(k_array, k_kind), (v_array, v_kind)], ["k", "v"])
+        same_kind([(k_array, k_kind), (v_array, v_kind)], ["k", "v"])
         for array, name in ((k_array, "k"), (v_array, "v")):
             check_float(array, name)
             check_rank(array, name, 4, KV_AXES)
@@ -291,7 +304,7 @@ class LayerCache:
             if on_gpu(array) != (self._xp is not np) or (on_gpu(array) and array.device.id != self._device_id):
                 where = "the CPU" if self._xp is np else f"cuda:{self._device_id}"
                 raise ValueError(f"{name} is on {device_of(array)} but the cache's storage on {where}")
-        return k_array, v_array, kind
+        return k_array, v_array
 
     def _allocate(self, tokens: int) -> dict:
         specs = layout.array_specs(self.config, self.batch, self.kv_heads, tokens, self.head_dim)

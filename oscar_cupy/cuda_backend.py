@@ -211,3 +211,20 @@ def hadamard_last_axis(x):
         rows_per_block = WARPS * (32 // min(32, size))  # a row spans min(32, size) lanes
         function((-(-rows // rows_per_block),), (THREADS,), (x, out, np.int64(rows), hadamard_normalization(size)))
     return out
+
+
+def append_window(k, v, window_k, window_v, window_lengths) -> None:
+    """Enqueue ``window_append``: ``k``, ``v`` ``(batch, heads, count, head_dim)`` (channels contiguous, the windows'
+    dtype) written after the first ``window_lengths[b]`` tokens of each sequence of the contiguous window buffers
+    ``(batch, heads, capacity, head_dim)``; ``window_lengths`` is a cupy int64 ``(batch,)`` read on the device."""
+    batch, heads, count, head_dim = k.shape
+    k, v = (x if x.strides[3] == x.itemsize else cupy.ascontiguousarray(x) for x in (k, v))
+    elements = batch * heads * count * head_dim
+    function = kernels.function(kernels.window_variant(dtype_name(window_k.dtype)), "window_append",
+                                window_k.device.id)
+    function(
+        (max(1, -(-elements // THREADS)),), (THREADS,),
+        (k, *[np.int64(s // k.itemsize) for s in k.strides[:3]], v, *[np.int64(s // v.itemsize) for s in v.strides[:3]],
+         window_lengths, window_k, window_v, np.int32(heads), np.int32(count), np.int32(head_dim),
+         np.int32(window_k.shape[2]), np.int64(elements)),
+    )

@@ -65,6 +65,10 @@ def rotate_variant(size: int, dtype: str) -> Variant:
     return Variant.of("rotate", HEAD_DIM=size, IN_DTYPE=dtype)
 
 
+def window_variant(dtype: str) -> Variant:
+    return Variant.of("window", IN_DTYPE=dtype)
+
+
 DECODE_DTYPES = ("float16", "bfloat16")
 ROW_TILES = (1, 2)  # up to 8 or 16 query rows per KV head in one block
 
@@ -97,6 +101,7 @@ def all_variants() -> list[Variant]:
     for head_dim, bits, dtype, scale in itertools.product(HEAD_DIMS, BITS, dtypes, SCALE_DTYPES):
         variants += [quantize_variant(head_dim, bits, dtype, scale), dequantize_variant(head_dim, bits, dtype, scale)]
     variants += [rotate_variant(size, dtype) for size in HADAMARD_SIZES for dtype in dtypes]
+    variants += [window_variant(dtype) for dtype in dtypes]
     for head_dim, bits, dtype, scale, group, tiles in itertools.product(
         HEAD_DIMS, BITS, DECODE_DTYPES, SCALE_DTYPES, GROUP_SIZES, ROW_TILES
     ):

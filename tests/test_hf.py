@@ -226,3 +226,17 @@ def test_crop_takes_the_counts_transformers_passes():
     assert layer.get_seq_length() == 35 and layer.cache.packed_lengths.tolist() == [32]
     with pytest.raises(ValueError, match="cannot crop"):
         layer.crop(torch.tensor(-5))
+
+
+def test_cuda_graph_decoder_refuses_what_it_cannot_replay():
+    from oscar_cupy.adapters.hf import CudaGraphDecoder
+
+    model = tiny_model("llama")
+    cache = enable_oscar(model, oc.QuantConfig(window=32))
+    with pytest.raises(ValueError, match="prefilled"):
+        CudaGraphDecoder(model, cache)
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 10)), past_key_values=cache)
+    disable_oscar(model)
+    with pytest.raises(ValueError, match="one CUDA device, got cpu"):
+        CudaGraphDecoder(model, cache)

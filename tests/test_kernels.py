@@ -79,7 +79,7 @@ def test_concurrent_compiles_leave_one_complete_file(empty_cache):
 def test_every_variant_is_listed_once():
     variants = kernels.all_variants()
     assert len(variants) == len(set(variants))
-    assert {v.module for v in variants} == {"quantize", "dequantize", "rotate", "decode"}
+    assert {v.module for v in variants} == {"quantize", "dequantize", "rotate", "decode", "window"}
 
 
 def test_check_kernels_command(capsys):

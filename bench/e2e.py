@@ -47,7 +47,8 @@ SHAPES = {
         vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=64, max_position_embeddings=4096),
 }
-CACHES = ("bf16", "bf16+graph", "oscar-2", "oscar-2+graph", "oscar-4", "oscar-4+graph", "hf-quantized")
+CACHES = ("bf16", "bf16+graph", "oscar-2", "oscar-2+graph", "oscar-4", "oscar-4+graph", "oscar-2-g128",
+          "oscar-2-g128+graph", "hf-quantized")
 
 
 def load(name: str, device: str):
@@ -70,14 +71,17 @@ def make_cache(model, cache: str, tokens: int = 0):
         return transformers.DynamicCache(config=model.config)
     if cache == "bf16+graph":
         return transformers.StaticCache(config=model.config, max_cache_len=tokens)
-    if cache == "hf-quantized":
-        for backend in ("quanto", "HQQ"):
+    if cache == "hf-quantized":  # transformers' own INT2 cache, where optimum-quanto or hqq is installed
+        for backend in ("quanto", "hqq"):
             try:
                 return transformers.QuantizedCache(backend=backend, config=model.config, nbits=2)
             except (ImportError, ValueError, TypeError):
                 continue
         return None
-    return enable_oscar(model, oc.QuantConfig.preset(cache.removesuffix("+graph")))
+    name = cache.removesuffix("+graph")
+    if name.endswith("-g128"):  # groups of 128 tokens (keys) and 128 channels (values)
+        return enable_oscar(model, oc.QuantConfig.preset(name.removesuffix("-g128"), key_group=128, value_group=128))
+    return enable_oscar(model, oc.QuantConfig.preset(name))
 
 
 def kv_shape(model) -> tuple[int, int]:
@@ -106,6 +110,8 @@ def kv_bytes(model, cache, tokens: int, batch: int, allocated: bool = False) -> 
     storage, window buffers and spare capacity included)."""
     if isinstance(cache, OscarCache):
         return sum(layer.cache.nbytes if allocated else layer.cache.stored_nbytes() for layer in cache.layers)
+    if isinstance(cache, transformers.QuantizedCache):
+        return None  # its backend's packed tensors: not accounted here (peak GPU memory shows the saving)
     return bf16_bytes(model, tokens, batch)
 
 
@@ -281,6 +287,8 @@ def max_batch(model, cache_name: str, context: int, budget: int, device: str) ->
         fill(model, cache, 1, context, device)
     per_sequence = kv_bytes(model, cache, context, 1, allocated=True)
     disable_oscar(model)
+    if per_sequence is None:
+        return 0
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return max(0, int((0.9 * budget - weights) // max(per_sequence, 1)))
 
@@ -358,11 +366,16 @@ def _ints(text: str) -> list[int]:
 
 
 def _guarded(function, *args, **kwargs):
-    """``function(*args, **kwargs)``, or ``{"error": "out of memory"}`` when the GPU runs out of memory."""
+    """``function(*args, **kwargs)``, or ``{"error": ...}`` when the GPU runs out of memory or a cache that is not ours
+    (transformers' quantized cache and its backend) fails; the error goes into the results."""
     try:
         return function(*args, **kwargs)
     except torch.OutOfMemoryError:
         return {"error": "out of memory"}
+    except Exception as error:  # noqa: BLE001  (failures of our own caches are re-raised)
+        if not (args and args[1] in ("hf-quantized", "bf16+graph")):
+            raise
+        return {"error": f"{type(error).__name__}: {str(error)[:120]}"}
 
 
 def _versions() -> dict:
@@ -403,9 +416,10 @@ def markdown(result: dict) -> str:
         base, graph_base = _baseline(result, r), _baseline(result, r, baseline="bf16+graph")
         speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
         graph_speed = f"{r['tokens_per_s'] / graph_base['tokens_per_s']:.2f}x" if graph_base else ""
-        smaller = f"{r['kv_bytes_bf16'] / r['kv_bytes']:.2f}x smaller" if r["cache"] != "bf16" else ""
+        smaller = f"{r['kv_bytes_bf16'] / r['kv_bytes']:.2f}x smaller" if r["cache"] != "bf16" and r["kv_bytes"] else ""
+        stored = f"{r['kv_bytes']:,}" if r["kv_bytes"] else "n/a"
         lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['cache']} | {r['step_median_ms']:.2f} | "
-                     f"{r['step_p90_ms']:.2f} | {r['tokens_per_s']:.1f} | {speed} | {graph_speed} | {r['kv_bytes']:,} | "
+                     f"{r['step_p90_ms']:.2f} | {r['tokens_per_s']:.1f} | {speed} | {graph_speed} | {stored} | "
                      f"{smaller} | "
                      f"{r.get('peak_gpu_bytes', 0) / 1e9:.1f} |")
     split = [r for r in result["rows"] if "breakdown_ms" in r]

@@ -157,7 +157,7 @@ def _positive(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from oscar_cupy.config import PRESETS
+    from oscar_cupy.config import BITS, GROUP_SIZES, PRESETS
 
     root = argparse.ArgumentParser(prog="oscar-cupy", description="INT2/INT4 KV caches with the OScaR method.")
     commands = root.add_subparsers(dest="command", metavar="command")
@@ -167,6 +167,9 @@ def parser() -> argparse.ArgumentParser:
                              help="austen:<book>, shakespeare:<text> or a .txt file (default: austen:prideprejudice)")
     demo_parser.add_argument("--preset", default="oscar-2", choices=sorted(PRESETS), help="the quantized cache")
     demo_parser.add_argument("--window", type=_positive, help="full-precision window / flush block (default 256)")
+    demo_parser.add_argument("--bits", type=int, choices=BITS, help="code bits (default: the preset's)")
+    demo_parser.add_argument("--groups", type=int, choices=GROUP_SIZES,
+                             help="key group (tokens) and value group (channels) size (default: the preset's, 32)")
     demo_parser.add_argument("--prompt-tokens", type=_positive, default=1024)
     demo_parser.add_argument("--new-tokens", type=_positive, default=32)
     demo_parser.add_argument("--eval-tokens", type=_positive, default=256, help="held-back tokens for perplexity")
@@ -185,6 +188,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--presets", type=_list_of(str, "--presets", ["bf16", *sorted(PRESETS)]),
                     default=",".join(EVAL_PRESETS), help="bf16 and presets (default: " + ",".join(EVAL_PRESETS) + ")")
     ev.add_argument("--window", type=_positive, help="full-precision window / flush block (default 256)")
+    ev.add_argument("--groups", type=int, choices=GROUP_SIZES,
+                    help="key and value group size of every quantized preset (default: the presets', 32)")
     ev.add_argument("--prompt-tokens", type=_positive, default=32, help="tokens of each context given as the prompt")
     ev.add_argument("--chunk", type=_positive, default=64, help="tokens fed through the cache at a time")
     ev.add_argument("--passkey-contexts", type=_list_of(int, "--passkey-contexts"), default="1024,2048,4096,8192")

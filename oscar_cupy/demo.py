@@ -1,8 +1,9 @@
 """``oscar-cupy demo``: a real model with a bf16 cache and with the OScaR cache, side by side.
 
 Loads the model (default: SmolLM2-135M-Instruct, fetched once, see :mod:`oscar_cupy.assets.models`) on a GPU if there
-is a usable one (else the CPU) and a passage of a public-domain book; for each cache it generates a greedy continuation of the passage, measures the perplexity of the
-held-back text that follows it (fed through the cache in chunks, as decoding would) and counts the KV-cache bytes.
+is a usable one (else the CPU) and a passage of a public-domain book; for each cache it generates a greedy continuation
+of the passage, measures the perplexity of the held-back text that follows it (fed through the cache in chunks, as
+decoding would) and counts the KV-cache bytes.
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ class OscarCache(Cache):
     With ``model_config``, the layers are those transformers' ``DynamicCache(config=model_config)`` would make, its
     full-attention layers replaced by :class:`OscarLayer`; the others (sliding-window, chunked, linear or hybrid
     attention) stay transformers' full-precision layers. Without it, ``num_layers`` layers, all :class:`OscarLayer`.
-    ``capacity``: packed tokens per sequence each layer allocates up front (see :func:`enable_oscar`).
+    ``capacity``: tokens per sequence each layer allocates packed room for up front (see :func:`enable_oscar`).
     """
 
     def __init__(self, config: QuantConfig, num_layers: int | None = None, model_config=None, capacity: int = 0):
@@ -233,8 +233,9 @@ def enable_oscar(model, config: QuantConfig | None = None, capacity: int = 0) ->
     With a Hadamard rotation, the value rotation is folded into each layer's ``v_proj`` (output blocks, and bias) and
     ``o_proj`` (input blocks) once, in float32; :func:`disable_oscar` restores the original weights bit for bit.
 
-    ``capacity`` (tokens per sequence, prompt plus new tokens) allocates the packed storage up front: no growth, and
-    none of the transient memory a growth copy needs, until a sequence outgrows it (then it doubles, as without it).
+    ``capacity`` (tokens per sequence, prompt plus new tokens) allocates the packed storage up front (room for its
+    whole flush blocks; the rest stays in the window): no growth, and none of the transient memory a growth copy
+    needs, until a sequence outgrows it (then it doubles, as without it).
     Use it to fill a GPU close to its memory; the default grows from what the prompt needs.
     """
     major = int(transformers.__version__.split(".")[0])

@@ -25,7 +25,7 @@ from oscar_cupy.config import QuantConfig
 from oscar_cupy.quantized_kv import KV_AXES, QuantizedKV, quantize_kv
 
 
-WINDOW_SLACK = 64  # window buffer tokens beyond one window: room for decode steps and short chunks before a flush
+WINDOW_GROWTH = 64  # the window buffers hold one window (all decode steps need) and grow by this many tokens for chunks
 
 
 class LayerCache:
@@ -36,7 +36,8 @@ class LayerCache:
         batch, kv_heads, head_dim: the shape of the layer's keys and values.
         dtype: dtype of the full-precision window (the model's dtype).
         like: an array whose kind and device the storage follows (numpy for the CPU, cupy for a GPU); default numpy.
-        capacity: initial packed capacity in tokens (rounded up to whole flush blocks).
+        capacity: tokens per sequence to allocate the packed storage for up front: its whole flush blocks (the tokens
+            beyond the last whole block of a sequence of ``capacity`` tokens stay in the window and need no packed room).
 
     On a GPU, a decode step (:meth:`append`, :meth:`attend`) copies nothing from the host and allocates only its output:
     plans are kept from step to step and the lengths live on the device too. With ``capturable`` set, :meth:`attend`
@@ -53,11 +54,11 @@ class LayerCache:
         self.dtype = np.dtype(dtype)
         self.packed_lengths = np.zeros(batch, dtype=np.int64)
         self.window_lengths = np.zeros(batch, dtype=np.int64)
-        window_shape = (batch, kv_heads, config.window + WINDOW_SLACK, head_dim)  # grown for larger appends
+        window_shape = (batch, kv_heads, config.window, head_dim)  # grown for appends of more than one token at a time
         with self._stream(Kind.CUPY):
             self._window_k = self._xp.zeros(window_shape, dtype=self.dtype)
             self._window_v = self._xp.zeros(window_shape, dtype=self.dtype)
-            self._packed = self._allocate(_blocks(capacity, config.window) * config.window)
+            self._packed = self._allocate(capacity // config.window * config.window)
         self.reallocations = 0
         # GPU only: the lengths as the device holds them (int64 (2, batch): packed, window), the host copy of what was
         # last written there, and the decode plans; a decode step then neither allocates nor waits for the host
@@ -311,10 +312,10 @@ class LayerCache:
         return {name: self._xp.zeros(shape, dtype=dtype) for name, (shape, dtype) in specs.items()}
 
     def _reserve_window(self, tokens: int) -> None:
-        """Grow the window buffers (by whole :data:`WINDOW_SLACK` chunks, up to two windows) to hold ``tokens``."""
+        """Grow the window buffers (by whole :data:`WINDOW_GROWTH` chunks, up to two windows) to hold ``tokens``."""
         if tokens <= self._window_k.shape[2]:
             return
-        size = min(2 * self.config.window, _blocks(tokens, WINDOW_SLACK) * WINDOW_SLACK)
+        size = min(2 * self.config.window, _blocks(tokens, WINDOW_GROWTH) * WINDOW_GROWTH)
         for name in ("_window_k", "_window_v"):
             old = getattr(self, name)
             grown = self._xp.zeros((*old.shape[:2], size, old.shape[3]), dtype=old.dtype)

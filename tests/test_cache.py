@@ -62,6 +62,20 @@ def test_growth_is_amortized(rng):
     assert cache.reallocations <= 7  # doubling: log2(40 blocks) + 1, not one copy per flush
 
 
+def test_capacity_counts_the_whole_flush_blocks_only(rng):
+    """A cache made for 232 tokens per sequence allocates packed room for 3 flush blocks of 64 (the last 40 tokens stay
+    in the window) and holds 232 tokens, decoded one at a time, without growing."""
+    cache = LayerCache(CONFIG, 2, 1, 64, np.float32, capacity=3 * 64 + 40)
+    assert cache.capacity == 3 * 64
+    k, v = random_kv(rng, batch=2, kv_heads=1, tokens=232, head_dim=64)
+    cache.prefill(k[:, :, :100], v[:, :, :100])
+    for t in range(100, 232):
+        cache.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+        cache.flush()
+    assert cache.packed_lengths.tolist() == [192, 192] and cache.window_lengths.tolist() == [40, 40]
+    assert cache.reallocations == 0 and cache.capacity == 3 * 64 and cache._window_k.shape[2] == 64
+
+
 def test_byte_accounting():
     cache = LayerCache(oc.QuantConfig(), 1, 8, 128, np.float16)
     # oscar-2, head_dim 128, 8 KV heads: K 32 + 16 and V 32 + 16 bytes per head, one float32 norm per token
@@ -122,21 +136,21 @@ def test_bad_inputs(rng):
         LayerCache(CONFIG, 1, 1, 96, np.float32)
 
 
-def test_window_buffer_grows_only_for_chunks_larger_than_the_slack(rng):
-    """The window buffers hold one window plus WINDOW_SLACK tokens (decode steps never grow them); a larger chunk
-    grows them, up to two windows, keeping the tokens held."""
-    from oscar_cupy.cache import WINDOW_SLACK
-
+def test_window_buffer_holds_one_window_and_grows_only_for_chunks(rng):
+    """The window buffers hold exactly one window (decode steps of one token never grow them: no per-sequence memory
+    beyond the method's window); a chunk that needs more grows them by WINDOW_GROWTH tokens, up to two windows,
+    keeping the tokens held."""
     config = CONFIG.replace(window=128)  # same groups as CONFIG, so reference() applies
     k, v = random_kv(rng, batch=2, kv_heads=2, tokens=400, head_dim=64)
     cache = LayerCache(config, 2, 2, 64, np.float32)
-    assert cache._window_k.shape[2] == 128 + WINDOW_SLACK
+    assert cache._window_k.shape[2] == 128
     cache.prefill(k[:, :, :100], v[:, :, :100])
-    for t in range(100, 150):  # one flush at 128 tokens; 22 left in the window
+    for t in range(100, 150):  # one flush at 128 tokens (the window full: 128 of 128); 22 left in the window
         cache.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
         cache.flush()
-    cache.append(k[:, :, 150:250], v[:, :, 150:250])  # 122 tokens: within the slack
-    assert cache._window_k.shape[2] == 128 + WINDOW_SLACK and cache.window_lengths.tolist() == [122, 122]
+    assert cache._window_k.shape[2] == 128 and cache.packed_lengths.tolist() == [128, 128]
+    cache.append(k[:, :, 150:250], v[:, :, 150:250])  # 122 tokens: still within one window
+    assert cache._window_k.shape[2] == 128 and cache.window_lengths.tolist() == [122, 122]
     cache.append(k[:, :, 250:330], v[:, :, 250:330])  # 202 tokens: grows to 256 (no flush: it fits two windows)
     assert cache._window_k.shape[2] == 256 and cache.packed_lengths.tolist() == [128, 128]
     q = rng.standard_normal((2, 4, 1, 64)).astype(np.float32)

@@ -393,7 +393,8 @@ def write(result: dict, out: pathlib.Path, stem: str) -> None:
     (out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
     try:
-        plot(result, out / f"{stem}.png")
+        if any("error" not in r for r in result["rows"]):  # a capacity-only run has no decode rows to plot
+            plot(result, out / f"{stem}.png")
     except ImportError:
         print("no matplotlib: no plot")
 

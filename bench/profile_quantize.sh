@@ -16,6 +16,6 @@ for _ in range(3):
     cuda_backend.launch_quantize(k, v, config, lengths, out)
 cupy.cuda.Device().synchronize()
 PY
-ncu --kernel-name regex:quantize --launch-skip 2 --launch-count 2 --section SpeedOfLight --section Occupancy --section WarpStateStats --section ComputeWorkloadAnalysis --section InstructionStats --section MemoryWorkloadAnalysis python3 /tmp/prof.py > $OUT/ncu.txt 2>&1
+ncu --kernel-name regex:quantize --launch-skip 2 --launch-count 2 --section SpeedOfLight --section Occupancy --section WarpStateStats --section ComputeWorkloadAnalysis --section InstructionStats --section MemoryWorkloadAnalysis --section SchedulerStats --section LaunchStats python3 /tmp/prof.py > $OUT/ncu.txt 2>&1
 grep -E "quantize_|Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Executed Ipc A|Issue Slots Busy|Warp Cycles Per Issued|Theoretical Occ|Executed Instructions  |Stall|Pipe|Mem Busy|L2 Hit" $OUT/ncu.txt | head -60
 grep -B2 -A12 "Section: Warp State Statistics" $OUT/ncu.txt | grep -iE "stall|cycles" | head -20

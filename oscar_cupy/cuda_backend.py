@@ -19,6 +19,8 @@ from oscar_cupy.config import QuantConfig
 THREADS = 256
 WARPS = THREADS // 32
 STATIC_SHARED_LIMIT = 48 * 1024  # dynamic shared memory beyond this needs the function attribute raised
+STASH_LIMIT = 112 * 1024  # quantize_keys keeps its rows in shared memory up to this (two blocks per SM)
+VALUE_WARPS = 4  # VAL_WARPS of quantize_values
 SCALINGS = {"none": 0, "l2": 1, "l2_per_head": 2}
 DTYPE_NAMES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}
 
@@ -107,28 +109,35 @@ def launch_quantize_keys(k, config: QuantConfig, lengths, out: dict, refused) ->
     """Enqueue ``quantize_keys`` (k already rotated by a user matrix, if the config has one)."""
     batch, heads, _, head_dim = k.shape
     k, strides = _rows_view(k)
-    groups = out["k_codes"].shape[2] // config.key_group
+    group = config.key_group
+    groups = out["k_codes"].shape[2] // group
     function = kernels.function(
         kernels.quantize_variant(head_dim, config.bits, dtype_name(k.dtype), config.scale_dtype), "quantize_keys",
         k.device.id,
     )
-    warps = min(heads, WARPS)  # a warp per head, up to 8
-    shared = {  # see quantize_keys in raw_kernels/quantize.cu
-        "l2": heads * config.key_group * 8 + config.key_group * 4,
-        "l2_per_head": warps * config.key_group * 4,
-        "none": 0,
-    }[config.token_scaling]
+    # see quantize_keys in raw_kernels/quantize.cu: a lane holds 4 rows of 16 channels, a warp 2048 / head_dim rows
+    warps_per_head = group // (2048 // head_dim)
+    heads_per_round = max(1, min(heads, WARPS // warps_per_head))
+    padded = head_dim // 16 * 17  # PADDED_DIM: per-channel floats, padded against bank conflicts
+    shared = (
+        (heads * group * 8 + group * 4 if config.token_scaling == "l2" else 0)
+        + heads_per_round * 2 * (group // 4) * padded * 4  # partial extremes
+        + heads_per_round * 2 * padded * 4  # group parameters
+    )
+    stash_bytes = heads * group * head_dim * k.itemsize
+    stash = config.token_scaling == "l2" and shared + stash_bytes <= STASH_LIMIT
+    shared += stash_bytes if stash else 0
     if shared > STATIC_SHARED_LIMIT:
         cupy.cuda.driver.funcSetAttribute(
             function.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared
         )
     norms = out.get("norms")
     function(
-        (groups, batch), (32 * warps,),
-        (k, *strides, lengths, np.int32(heads), np.int32(groups), np.int32(config.key_group),
-         np.int32(_uses_hadamard(config)),
-         np.int32(SCALINGS[config.token_scaling]), hadamard_normalization(head_dim),
-         out["k_codes"], out["k_scales"], out["k_zeros"], norms if norms is not None else np.uint64(0), refused),
+        (groups, batch), (32 * warps_per_head * heads_per_round,),
+        (k, *strides, lengths, np.int32(heads), np.int32(groups), np.int32(group), np.int32(_uses_hadamard(config)),
+         np.int32(SCALINGS[config.token_scaling]), hadamard_normalization(head_dim), np.int32(heads_per_round),
+         np.int32(stash), out["k_codes"], out["k_scales"], out["k_zeros"],
+         norms if norms is not None else np.uint64(0), refused),
         shared_mem=shared,
     )
 
@@ -143,9 +152,10 @@ def launch_quantize_values(v, config: QuantConfig, lengths, out: dict, refused) 
         v.device.id,
     )
     rotate = _uses_hadamard(config) and config.rotate_values
-    tokens_per_block = WARPS * config.codes_per_word  # a warp packs one word row
+    word_rows_per_block = VALUE_WARPS * 32 // (head_dim // 32)  # a row slot of a warp packs one word row
+    word_rows = capacity // config.codes_per_word
     function(
-        (-(-capacity // tokens_per_block), batch * heads), (THREADS,),
+        (-(-word_rows // word_rows_per_block), batch * heads), (32 * VALUE_WARPS,),
         (v, *strides, lengths, np.int32(heads), np.int32(capacity), np.int32(config.value_group), np.int32(rotate),
          hadamard_normalization(head_dim), out["v_codes"], out["v_scales"], out["v_zeros"], refused),
     )

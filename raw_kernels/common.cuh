@@ -115,12 +115,6 @@ __device__ __forceinline__ GroupParams group_params(float minimum, float maximum
     return p;
 }
 
-// quantizer.encode: clamp(rint((x - zero) * inverse), 0, L)
-__device__ __forceinline__ u32 encode(float x, float zero, float inverse) {
-    const float scaled = __fmul_rn(__fsub_rn(x, zero), inverse);
-    return (u32)fminf(fmaxf(rintf(scaled), 0.f), (float)LEVELS);
-}
-
 // quantizer.decode: float32(code * scale) + zero
 __device__ __forceinline__ float decode(u32 code, float scale, float zero) {
     return __fadd_rn(__fmul_rn((float)code, scale), zero);

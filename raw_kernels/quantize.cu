@@ -1,10 +1,21 @@
 // Quantize-and-pack of keys and values into the packed layout of oscar_cupy/layout.py.
 // The CPU definition is oscar_cupy/quantized_kv.py (quantize_kv); every code, scale, zero and norm matches it.
 //
-// Layout of the work: a lane holds PER = 16 consecutive channels of a token row, a row spans ROW_LANES = HEAD_DIM / 16
-// lanes and a warp holds ROWS = 32 / ROW_LANES rows at once. Sixteen consecutive channels are exactly one 2-bit key word
-// (two 4-bit words), so keys pack in registers; value words (consecutive tokens of one channel) are gathered in
-// registers over a warp's rows and merged across its row slots with shuffles. No shared memory holds codes.
+// Both kernels read each input row from memory once and rotate it once, holding the rotated rows in registers from
+// the statistics to the encoding, and compute each group's parameters once (bench/results/quantize_profile.md).
+//
+// Keys: a block quantizes one key group (key_group tokens) of one sequence, all heads. With "l2" token scaling a
+// first phase reads every head's rows, sums their squares into per-token norms and keeps the raw rows in shared memory
+// (the "stash", when it fits; otherwise the second phase reads them again, from L2). The second phase takes the heads
+// a round at a time: a lane holds KEY_PER = 16 channels of KEY_LANE_ROWS = 4 rows (a warp holds 2048 / HEAD_DIM rows,
+// key_group / that many warps hold a head's group), rotates and scales them, and leaves per-channel partial extremes
+// in shared memory; one thread per (head, channel) reduces them and computes the group's scale and zero; the lanes then
+// encode their rows from registers. Sixteen consecutive channels are exactly one 2-bit key word (two 4-bit words), so
+// keys pack in registers.
+//
+// Values: a lane holds VAL_PER = 32 channels (a whole value group of 32) of one token; each row slot of a warp walks
+// the PER_WORD tokens of one value word row, so a lane gathers whole words (one per channel) in registers and no
+// shuffles merge them.
 //
 // Inputs are (B, H, T, D) with any element strides for B, H and T, contiguous channels and rows aligned to 16
 // elements (the launcher copies other layouts). Tokens at or beyond a sequence's length (lengths[b]) are padding: never
@@ -12,99 +23,171 @@
 // valid input element, bit 2 (keys) or 3 (values) for a group beyond the scale dtype's range.
 #include "common.cuh"
 
-#define PER 16
-#define ROW_LANES (HEAD_DIM / PER)
-#define ROWS (WARP / ROW_LANES)
-#define THREADS 256
-#define WARPS (THREADS / WARP)
-#define WORDS_PER_ROW (HEAD_DIM / PER_WORD)
-#define WORDS_PER_LANE (PER / PER_WORD)  // key words: 1 at 2 bits, 2 at 4 bits
 #define SCALING_NONE 0
 #define SCALING_L2 1
 #define SCALING_L2_PER_HEAD 2
 
+#define KEY_PER 16                                  // channels per lane
+#define KEY_ROW_LANES (HEAD_DIM / KEY_PER)          // lanes per row
+#define KEY_ROWS (WARP / KEY_ROW_LANES)             // row slots per warp
+#define KEY_LANE_ROWS 4                             // rows a lane holds at once
+#define KEY_WARP_ROWS (KEY_ROWS * KEY_LANE_ROWS)    // rows a warp holds: 2048 / HEAD_DIM
+#define KEY_BATCH 4                                 // rows per lane whose loads phase 1 issues together
+#define KEY_WORDS_PER_ROW (HEAD_DIM / PER_WORD)
+#define PADDED_DIM (KEY_ROW_LANES * (KEY_PER + 1))  // per-channel floats in shared memory: a lane's 16 at a stride of 17
+#define PADDED(c) ((c) / KEY_PER * (KEY_PER + 1) + (c) % KEY_PER)  // so a warp's lanes hit 32 different banks
+#define KEY_WORDS_PER_LANE (KEY_PER / PER_WORD)     // 1 at 2 bits, 2 at 4 bits
+
+#define VAL_PER 32                                  // channels per lane
+#define VAL_ROW_LANES (HEAD_DIM / VAL_PER)
+#define VAL_ROWS (WARP / VAL_ROW_LANES)             // row slots per warp, one value word row each
+#define VAL_THREADS 128
+#define VAL_WARPS (VAL_THREADS / WARP)
+
 struct alignas(16) Vector16 { u32 word[4]; };
 
-// the lane's PER channels of a row: widened to float32; `bad` turns NaN where an element is not finite
-__device__ __forceinline__ void load_row(const in_t* __restrict__ row, float (&x)[PER], float& bad) {
-    constexpr int vectors = PER * sizeof(in_t) / 16;
-    alignas(16) in_t elements[PER];
+// N consecutive elements at `from` (16-byte aligned, global or shared memory) copied to `to` unchanged
+template <int N>
+__device__ __forceinline__ void copy_row(const in_t* __restrict__ from, in_t* __restrict__ to) {
 #pragma unroll
-    for (int i = 0; i < vectors; ++i)
-        reinterpret_cast<Vector16*>(elements)[i] = reinterpret_cast<const Vector16*>(row)[i];
-#pragma unroll
-    for (int j = 0; j < PER; ++j) {
-        x[j] = in_to_f32(elements[j]);
-        bad = fmaf(x[j], 0.f, bad);  // inf * 0 and NaN * 0 are NaN
-    }
+    for (int i = 0; i < N * (int)sizeof(in_t) / 16; ++i)
+        reinterpret_cast<Vector16*>(to)[i] = reinterpret_cast<const Vector16*>(from)[i];
 }
 
-__device__ __forceinline__ double row_squares(const float (&x)[PER]) {
+// a row's chunks in the stash: a lane's 16-byte chunk i sits at i ^ swap, swap = ((lane in row / 4) ^ row) & 1, so
+// that the 8 lanes of a quarter warp (one row for head_dim >= 128, two rows for 64) reach 8 different bank groups
+__device__ __forceinline__ int stash_swap(int row_lane, int row) { return ((row_lane >> 2) ^ row) & 1; }
+
+template <int N>
+__device__ __forceinline__ void stash_row(const in_t (&elements)[N], in_t* __restrict__ to, int swap) {
+#pragma unroll
+    for (int i = 0; i < N * (int)sizeof(in_t) / 16; ++i)
+        reinterpret_cast<Vector16*>(to)[i ^ swap] = reinterpret_cast<const Vector16*>(elements)[i];
+}
+
+template <int N>
+__device__ __forceinline__ void unstash_row(const in_t* __restrict__ from, float (&x)[N], int swap) {
+    alignas(16) in_t elements[N];
+#pragma unroll
+    for (int i = 0; i < N * (int)sizeof(in_t) / 16; ++i)
+        reinterpret_cast<Vector16*>(elements)[i] = reinterpret_cast<const Vector16*>(from)[i ^ swap];
+#pragma unroll
+    for (int j = 0; j < N; ++j) x[j] = in_to_f32(elements[j]);
+}
+
+// N consecutive elements widened to float32
+template <int N>
+__device__ __forceinline__ void load_row(const in_t* __restrict__ row, float (&x)[N]) {
+    alignas(16) in_t elements[N];
+    copy_row<N>(row, elements);
+#pragma unroll
+    for (int j = 0; j < N; ++j) x[j] = in_to_f32(elements[j]);
+}
+
+// `bad` turns NaN where an element is not finite (inf * 0 and NaN * 0 are NaN)
+template <int N>
+__device__ __forceinline__ void check_finite(const float (&x)[N], float& bad) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) bad = fmaf(x[j], 0.f, bad);
+}
+
+// scaling.token_norms: squares of the float32 elements summed in float64 (a float32 squared is exact in float64, so
+// the fused multiply-add rounds exactly as the product-then-sum of the definition)
+template <int N>
+__device__ __forceinline__ double row_squares(const float (&x)[N]) {
     double sum = 0.0;
 #pragma unroll
-    for (int j = 0; j < PER; ++j) sum += (double)x[j] * (double)x[j];
+    for (int j = 0; j < N; ++j) sum = fma((double)x[j], (double)x[j], sum);
     return sum;
 }
 
-// scaling.token_norms: sqrt of the float64 sum of squares, rounded once to float32; a zero norm becomes 1
+// sqrt of the float64 sum of squares, rounded once to float32; a zero norm becomes 1
 __device__ __forceinline__ float norm_of(double squares) {
     const float norm = (float)sqrt(squares);
     return norm == 0.f ? 1.f : norm;
 }
 
-// min or max over the lanes of the same channels in the other row slots of the warp
-__device__ __forceinline__ float across_rows_min(float value) {
-#pragma unroll
-    for (int offset = ROW_LANES; offset < WARP; offset *= 2)
-        value = fminf(value, __shfl_xor_sync(0xffffffffu, value, offset));
-    return value;
-}
-__device__ __forceinline__ float across_rows_max(float value) {
-#pragma unroll
-    for (int offset = ROW_LANES; offset < WARP; offset *= 2)
-        value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
-    return value;
+// a finite float64 sum of squares means every element summed was finite
+__device__ __forceinline__ bool finite_squares(double squares) { return squares <= 1.7976931348623157e308; }
+
+// code bits of quantizer.encode, clamp(rint((x - zero) * inverse), 0, L): adding 1.5 * 2^23 rounds half to even into
+// the low mantissa bits. For an element of its group, x >= min >= zero, so the product is >= 0; and it is at most
+// L * (1 + 3 * 2^-24), since zero + L * scale covers max, so rint never exceeds L: the clamp changes nothing. Only an
+// infinite inverse (a subnormal bfloat16 or float32 scale) could make it matter, so those scale dtypes keep it
+// (clamping before rounding is the same for integer bounds, and sends NaN to 0 as the definition's clip does).
+__device__ __forceinline__ u32 encode(float x, float zero, float inverse) {
+    float scaled = __fmul_rn(__fsub_rn(x, zero), inverse);
+#if SCALE_DTYPE != DTYPE_F16
+    scaled = fminf(fmaxf(scaled, 0.f), (float)LEVELS);
+#endif
+    return __float_as_uint(__fadd_rn(scaled, 12582912.0f)) & LEVELS;
 }
 
-// Keys. Grid (key groups of the capacity, B), min(heads, 8) warps; warp w quantizes heads w, w + warps, ... of one
-// group of key_group tokens, ROWS tokens at a time. Per head: a first pass gathers per-channel min/max (and per-head
-// norms), a second pass (reading the rows again, through L2) encodes and packs. With "l2" scaling a pass before both
-// gathers each token's squares over all heads (of the keys as given: scaling.token_norms). Dynamic shared memory:
-// l2: heads * key_group doubles, then key_group floats; l2_per_head: warps * key_group floats.
-extern "C" __global__ void __launch_bounds__(THREADS, 3) quantize_keys(
+// Keys. Grid (key groups of the capacity, B); block 32 * warps_per_head * heads_per_round threads, warps_per_head =
+// key_group / KEY_WARP_ROWS. Dynamic shared memory, in this order (bytes, see launch_quantize_keys):
+//   l2: squares, double [heads][key_group]; inverse norms, float [key_group]
+//   partial extremes, float [heads_per_round][2][key_group / KEY_LANE_ROWS][PADDED_DIM]
+//   group parameters (float32 zero and inverse scale), float [heads_per_round][2][PADDED_DIM]
+//   stash (l2 only, when it fits): in_t [heads][key_group][HEAD_DIM], chunks swapped as stash_swap says
+extern "C" __global__ void __launch_bounds__(512) quantize_keys(
     const in_t* __restrict__ keys, i64 stride_batch, i64 stride_head, i64 stride_token,
     const i64* __restrict__ lengths, int heads, int groups, int key_group, int rotate, int scaling,
-    float hadamard_normalization, u32* __restrict__ codes_out, scale_t* __restrict__ scales_out,
-    scale_t* __restrict__ zeros_out, float* __restrict__ norms_out, int* __restrict__ refused) {
-    extern __shared__ double shared[];
+    float hadamard_normalization, int heads_per_round, int stash, u32* __restrict__ codes_out,
+    scale_t* __restrict__ scales_out, scale_t* __restrict__ zeros_out, float* __restrict__ norms_out,
+    int* __restrict__ refused) {
+    extern __shared__ __align__(16) unsigned char shared[];
     const int b = blockIdx.y, g = blockIdx.x;
     const int warps = blockDim.x / WARP, warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    const int slot = lane / ROW_LANES, row_lane = lane % ROW_LANES;  // row slot in the warp, lane within the row
+    const int slot = lane / KEY_ROW_LANES, row_lane = lane % KEY_ROW_LANES;
     const int first = g * key_group;
     const int valid = max(0, min((int)lengths[b] - first, key_group));
     const i64 capacity = (i64)groups * key_group;
-    const in_t* base = keys + b * stride_batch + first * stride_token + row_lane * PER;
+    const int warps_per_head = key_group / KEY_WARP_ROWS, partials = key_group / KEY_LANE_ROWS;
+    const in_t* base = keys + b * stride_batch + first * stride_token + row_lane * KEY_PER;
     float bad = 0.f;
     bool in_range = true;
 
-    double* squares = shared;  // l2: [heads][key_group]
-    float* inverse_norms = reinterpret_cast<float*>(shared + (scaling == SCALING_L2 ? heads * key_group : 0));
-    if (scaling == SCALING_L2_PER_HEAD) inverse_norms += warp * key_group;
+    unsigned char* next = shared;
+    double* squares = reinterpret_cast<double*>(next);
+    float* inverse_norms = reinterpret_cast<float*>(next + heads * key_group * sizeof(double));
+    if (scaling == SCALING_L2) next += heads * key_group * sizeof(double) + key_group * sizeof(float);
+    float* extremes = reinterpret_cast<float*>(next);
+    next += heads_per_round * 2 * partials * PADDED_DIM * sizeof(float);
+    float* params = reinterpret_cast<float*>(next);
+    next += heads_per_round * 2 * PADDED_DIM * sizeof(float);
+    in_t* stashed = reinterpret_cast<in_t*>(next) + row_lane * KEY_PER;
 
-    if (scaling == SCALING_L2) {
-        for (int h = warp; h < heads; h += warps) {
-            for (int t0 = 0; t0 < valid; t0 += ROWS) {  // norms are taken before the rotation (scaling.token_norms)
-                const int t = t0 + slot;
-                float x[PER] = {};
-                if (t < valid) load_row(base + h * stride_head + t * stride_token, x, bad);
-                const double sum = row_sum(t < valid ? row_squares(x) : 0.0, ROW_LANES);
-                if (row_lane == 0 && t < valid) squares[h * key_group + t] = sum;
+    if (scaling == SCALING_L2) {  // phase 1: token norms over all heads (before the rotation: scaling.token_norms)
+        const int rows = heads * key_group, stride = warps * KEY_ROWS;
+        for (int i0 = warp * KEY_ROWS; i0 < rows; i0 += KEY_BATCH * stride) {  // KEY_BATCH rows' loads in flight
+            alignas(16) in_t elements[KEY_BATCH][KEY_PER];
+#pragma unroll
+            for (int k = 0; k < KEY_BATCH; ++k) {
+                const int i = i0 + k * stride + slot, h = i / key_group, t = i % key_group;
+                if (i < rows && t < valid) copy_row<KEY_PER>(base + h * stride_head + t * stride_token, elements[k]);
+            }
+#pragma unroll
+            for (int k = 0; k < KEY_BATCH; ++k) {
+                const int i = i0 + k * stride + slot, t = i % key_group;
+                const bool row_valid = i < rows && t < valid;
+                double sum = 0.0;
+                if (row_valid) {
+                    if (stash)
+                        stash_row<KEY_PER>(elements[k], stashed + (i64)i * HEAD_DIM, stash_swap(row_lane, i));
+                    float x[KEY_PER];
+#pragma unroll
+                    for (int j = 0; j < KEY_PER; ++j) x[j] = in_to_f32(elements[k][j]);
+                    sum = row_squares(x);
+                }
+                sum = row_sum(sum, KEY_ROW_LANES);
+                if (row_valid && row_lane == 0) squares[i] = sum;
             }
         }
         __syncthreads();
         for (int t = threadIdx.x; t < key_group; t += blockDim.x) {
             double sum = 0.0;
             for (int h = 0; h < heads && t < valid; ++h) sum += squares[h * key_group + t];
+            if (!finite_squares(sum)) bad = __int_as_float(0x7fc00000);
             const float norm = norm_of(sum);
             inverse_norms[t] = 1.0f / norm;
             norms_out[b * capacity + first + t] = t < valid ? norm : 0.f;
@@ -112,78 +195,93 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3) quantize_keys(
         __syncthreads();
     }
 
-    for (int h = warp; h < heads; h += warps) {
-        const in_t* head = base + h * stride_head;
+    const int head_slot = warp / warps_per_head, part = warp % warps_per_head;
+    for (int h0 = 0; h0 < heads; h0 += heads_per_round) {  // phase 2, a round of heads at a time
+        const int h = h0 + head_slot;
+        const bool active = h < heads;  // warp-uniform
         const i64 bh = (i64)b * heads + h;
-        float minimum[PER], maximum[PER];
+        float x[KEY_LANE_ROWS][KEY_PER];  // every warp runs this (no divergent shuffles); inactive ones load nothing
 #pragma unroll
-        for (int j = 0; j < PER; ++j) { minimum[j] = __int_as_float(0x7f800000); maximum[j] = -minimum[j]; }
-
-        for (int t0 = 0; t0 < valid; t0 += ROWS) {  // pass 1: per-head norms and per-channel extremes
-            const int t = t0 + slot;
-            float x[PER] = {};
-            if (t < valid) load_row(head + t * stride_token, x, bad);
+        for (int r = 0; r < KEY_LANE_ROWS; ++r) {
+            const int t = part * KEY_WARP_ROWS + r * KEY_ROWS + slot;
+            const bool row_valid = active && t < valid;
+#pragma unroll
+            for (int j = 0; j < KEY_PER; ++j) x[r][j] = 0.f;
+            if (row_valid) {
+                if (stash)
+                    unstash_row<KEY_PER>(stashed + ((i64)h * key_group + t) * HEAD_DIM, x[r], stash_swap(row_lane, t));
+                else
+                    load_row<KEY_PER>(base + h * stride_head + t * stride_token, x[r]);
+                if (scaling == SCALING_NONE) check_finite(x[r], bad);
+            }
             float inverse = 1.f;
             if (scaling == SCALING_L2) {
-                inverse = t < valid ? inverse_norms[t] : 1.f;
+                inverse = row_valid ? inverse_norms[t] : 1.f;
             } else if (scaling == SCALING_L2_PER_HEAD) {  // before the rotation, as above
-                const float norm = norm_of(row_sum(t < valid ? row_squares(x) : 0.0, ROW_LANES));
+                const double sum = row_sum(row_squares(x[r]), KEY_ROW_LANES);
+                if (!finite_squares(sum)) bad = __int_as_float(0x7fc00000);
+                const float norm = norm_of(sum);
                 inverse = 1.0f / norm;
-                if (row_lane == 0 && t < valid) {
-                    inverse_norms[t] = inverse;
-                    norms_out[bh * capacity + first + t] = norm;
-                }
+                if (active && row_lane == 0) norms_out[bh * capacity + first + t] = row_valid ? norm : 0.f;
             }
-            if (rotate) fwht_row<HEAD_DIM, PER>(x, row_lane, hadamard_normalization);
-            if (t < valid) {
+            if (rotate) fwht_row<HEAD_DIM, KEY_PER>(x[r], row_lane, hadamard_normalization);
+            if (scaling != SCALING_NONE) {
 #pragma unroll
-                for (int j = 0; j < PER; ++j) {
-                    const float value = scaling ? x[j] * inverse : x[j];
-                    minimum[j] = fminf(minimum[j], value);
-                    maximum[j] = fmaxf(maximum[j], value);
-                }
+                for (int j = 0; j < KEY_PER; ++j) x[r][j] = x[r][j] * inverse;
             }
         }
-        if (scaling == SCALING_L2_PER_HEAD && lane == 0)
-            for (int t = valid; t < key_group; ++t) norms_out[bh * capacity + first + t] = 0.f;
-        __syncwarp();
-
-        float zero[PER], inverse_scale[PER];
-        const i64 param = (bh * groups + g) * HEAD_DIM + row_lane * PER;
+        if (active) {  // this lane's extremes over its valid rows, as one of the group's partials
+            float* partial = extremes + ((head_slot * 2) * partials + part * KEY_ROWS + slot) * PADDED_DIM
+                             + row_lane * (KEY_PER + 1);
 #pragma unroll
-        for (int j = 0; j < PER; ++j) {
-            minimum[j] = across_rows_min(minimum[j]);
-            maximum[j] = across_rows_max(maximum[j]);
-            in_range &= !(valid > 0 && out_of_range(minimum[j], maximum[j]));
-            const GroupParams p = group_params(minimum[j], maximum[j], valid > 0);
-            if (slot == j % ROWS) {  // the row slots share the writes
-                scales_out[param + j] = p.scale;
-                zeros_out[param + j] = p.zero;
-            }
-            zero[j] = p.zero_f32;
-            inverse_scale[j] = p.inverse;
-        }
-
-        for (int t0 = 0; t0 < key_group; t0 += ROWS) {  // pass 2: encode and pack, one or two words per lane
-            const int t = t0 + slot;
-            float x[PER] = {};
-            if (t < valid) load_row(head + t * stride_token, x, bad);
-            if (rotate) fwht_row<HEAD_DIM, PER>(x, row_lane, hadamard_normalization);
-            const float inverse = (scaling && t < valid) ? inverse_norms[t] : 1.f;
-            u32 words[WORDS_PER_LANE];
+            for (int j = 0; j < KEY_PER; ++j) {
+                float minimum = __int_as_float(0x7f800000), maximum = -minimum;
 #pragma unroll
-            for (int w = 0; w < WORDS_PER_LANE; ++w) words[w] = 0;
-            if (t < valid) {
-#pragma unroll
-                for (int j = 0; j < PER; ++j) {
-                    const float value = scaling ? x[j] * inverse : x[j];
-                    words[j / PER_WORD] |= encode(value, zero[j], inverse_scale[j]) << (BITS * slot_of(j % PER_WORD));
+                for (int r = 0; r < KEY_LANE_ROWS; ++r) {
+                    if (part * KEY_WARP_ROWS + r * KEY_ROWS + slot < valid) {
+                        minimum = fminf(minimum, x[r][j]);
+                        maximum = fmaxf(maximum, x[r][j]);
+                    }
                 }
+                partial[j] = minimum;
+                partial[partials * PADDED_DIM + j] = maximum;
             }
-            if (t < key_group) {
-                u32* out = codes_out + (bh * capacity + first + t) * WORDS_PER_ROW + row_lane * WORDS_PER_LANE;
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < heads_per_round * HEAD_DIM; i += blockDim.x) {  // one thread per channel
+            const int hs = i / HEAD_DIM, c = i % HEAD_DIM;
+            if (h0 + hs >= heads) break;
+            const float* partial = extremes + (hs * 2) * partials * PADDED_DIM + PADDED(c);
+            float minimum = __int_as_float(0x7f800000), maximum = -minimum;
+            for (int p = 0; p < partials; ++p) {
+                minimum = fminf(minimum, partial[p * PADDED_DIM]);
+                maximum = fmaxf(maximum, partial[(partials + p) * PADDED_DIM]);
+            }
+            in_range &= !(valid > 0 && out_of_range(minimum, maximum));
+            const GroupParams q = group_params(minimum, maximum, valid > 0);
+            const i64 param = (((i64)b * heads + h0 + hs) * groups + g) * HEAD_DIM + c;
+            scales_out[param] = q.scale;
+            zeros_out[param] = q.zero;
+            params[hs * 2 * PADDED_DIM + PADDED(c)] = q.zero_f32;
+            params[(hs * 2 + 1) * PADDED_DIM + PADDED(c)] = q.inverse;
+        }
+        __syncthreads();
+        if (active) {  // encode and pack the rows held, one or two words per row
+            u32 words[KEY_LANE_ROWS][KEY_WORDS_PER_LANE] = {};
+            const float* zero = params + head_slot * 2 * PADDED_DIM + row_lane * (KEY_PER + 1);
 #pragma unroll
-                for (int w = 0; w < WORDS_PER_LANE; ++w) out[w] = words[w];
+            for (int j = 0; j < KEY_PER; ++j) {
+                const float z = zero[j], inverse = zero[PADDED_DIM + j];
+#pragma unroll
+                for (int r = 0; r < KEY_LANE_ROWS; ++r)
+                    words[r][j / PER_WORD] |= encode(x[r][j], z, inverse) << (BITS * slot_of(j % PER_WORD));
+            }
+#pragma unroll
+            for (int r = 0; r < KEY_LANE_ROWS; ++r) {
+                const int t = part * KEY_WARP_ROWS + r * KEY_ROWS + slot;
+                u32* out = codes_out + (bh * capacity + first + t) * KEY_WORDS_PER_ROW + row_lane * KEY_WORDS_PER_LANE;
+#pragma unroll
+                for (int w = 0; w < KEY_WORDS_PER_LANE; ++w) out[w] = t < valid ? words[r][w] : 0u;
             }
         }
     }
@@ -191,71 +289,68 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3) quantize_keys(
     if (!in_range) atomicOr(refused, 4);
 }
 
-// Values. Grid (ceil(capacity / (WARPS * PER_WORD)), B * H); warp w quantizes the PER_WORD tokens of one word row of
-// one (sequence, head), ROWS tokens at a time; a value group of value_group channels spans value_group / PER lanes of
-// a row. Each lane gathers the bits of its 16 channels' words over the tokens of its row slot; the row slots' bits are
-// then merged with shuffles and row slot 0 writes the 16 words.
-extern "C" __global__ void __launch_bounds__(THREADS) quantize_values(
+// Values. Grid (ceil(word rows / (VAL_WARPS * VAL_ROWS)), B * H): row slot s of warp w packs value word row
+// (blockIdx.x * VAL_WARPS + w) * VAL_ROWS + s, its PER_WORD tokens one after the other; a value group of value_group
+// channels spans value_group / VAL_PER lanes of a row.
+extern "C" __global__ void __launch_bounds__(VAL_THREADS) quantize_values(
     const in_t* __restrict__ values, i64 stride_batch, i64 stride_head, i64 stride_token,
     const i64* __restrict__ lengths, int heads, int capacity, int value_group, int rotate,
     float hadamard_normalization, u32* __restrict__ codes_out, scale_t* __restrict__ scales_out,
     scale_t* __restrict__ zeros_out, int* __restrict__ refused) {
     const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    const int slot = lane / ROW_LANES, row_lane = lane % ROW_LANES;
-    const int first = (blockIdx.x * WARPS + warp) * PER_WORD;  // this warp's first token
-    if (first >= capacity) return;  // whole warps leave together
+    const int slot = lane / VAL_ROW_LANES, row_lane = lane % VAL_ROW_LANES;
+    const int warp_row = (blockIdx.x * VAL_WARPS + warp) * VAL_ROWS;
+    if (warp_row * PER_WORD >= capacity) return;  // whole warps leave together
+    const int word_row = warp_row + slot, first = word_row * PER_WORD;
+    const bool in_capacity = first < capacity;
     const int length = (int)lengths[b];
-    const int groups = HEAD_DIM / value_group, lanes_per_group = value_group / PER;
-    const in_t* base = values + b * stride_batch + h * stride_head + row_lane * PER;
+    const int groups = HEAD_DIM / value_group, lanes_per_group = value_group / VAL_PER;
+    const in_t* base = values + b * stride_batch + h * stride_head + row_lane * VAL_PER;
     float bad = 0.f;
     bool in_range = true;
 
-    u32 words[PER];
+    u32 words[VAL_PER];
 #pragma unroll
-    for (int j = 0; j < PER; ++j) words[j] = 0;
-#pragma unroll
-    for (int t0 = 0; t0 < PER_WORD; t0 += ROWS) {
-        const int token = first + t0 + slot;
-        const bool valid = token < length;
-        float x[PER];
+    for (int j = 0; j < VAL_PER; ++j) words[j] = 0;
+#pragma unroll 1  // one token at a time: unrolled, the loop's code outgrows the instruction cache
+    for (int e = 0; e < PER_WORD; ++e) {
+        const int token = first + e;
+        const bool valid = in_capacity && token < length;
+        float x[VAL_PER];
         if (valid) {
-            load_row(base + token * stride_token, x, bad);
+            load_row<VAL_PER>(base + token * stride_token, x);
+            check_finite(x, bad);
         } else {
 #pragma unroll
-            for (int j = 0; j < PER; ++j) x[j] = 0.f;
+            for (int j = 0; j < VAL_PER; ++j) x[j] = 0.f;
         }
-        if (rotate) fwht_row<HEAD_DIM, PER>(x, row_lane, hadamard_normalization);
+        if (rotate) fwht_row<HEAD_DIM, VAL_PER>(x, row_lane, hadamard_normalization);
         float minimum = x[0], maximum = x[0];
 #pragma unroll
-        for (int j = 1; j < PER; ++j) { minimum = fminf(minimum, x[j]); maximum = fmaxf(maximum, x[j]); }
+        for (int j = 1; j < VAL_PER; ++j) { minimum = fminf(minimum, x[j]); maximum = fmaxf(maximum, x[j]); }
         for (int offset = 1; offset < lanes_per_group; offset *= 2) {
             minimum = fminf(minimum, __shfl_xor_sync(0xffffffffu, minimum, offset));
             maximum = fmaxf(maximum, __shfl_xor_sync(0xffffffffu, maximum, offset));
         }
         in_range &= !(valid && out_of_range(minimum, maximum));
         const GroupParams p = group_params(minimum, maximum, valid);
-        if (row_lane % lanes_per_group == 0) {
+        if (in_capacity && row_lane % lanes_per_group == 0) {
             const i64 param = ((i64)bh * capacity + token) * groups + row_lane / lanes_per_group;
             scales_out[param] = p.scale;
             zeros_out[param] = p.zero;
         }
         if (valid) {
-            const int shift = BITS * slot_of(t0 + slot);
+            const int shift = BITS * slot_of(e);
 #pragma unroll
-            for (int j = 0; j < PER; ++j) words[j] |= encode(x[j], p.zero_f32, p.inverse) << shift;
+            for (int j = 0; j < VAL_PER; ++j) words[j] |= encode(x[j], p.zero_f32, p.inverse) << shift;
         }
     }
-#pragma unroll
-    for (int j = 0; j < PER; ++j)
-#pragma unroll
-        for (int offset = ROW_LANES; offset < WARP; offset *= 2)
-            words[j] |= __shfl_xor_sync(0xffffffffu, words[j], offset);
-    if (slot == 0) {
+    if (in_capacity) {
         Vector16* out = reinterpret_cast<Vector16*>(
-            codes_out + ((i64)bh * (capacity / PER_WORD) + first / PER_WORD) * HEAD_DIM + row_lane * PER);
+            codes_out + ((i64)bh * (capacity / PER_WORD) + word_row) * HEAD_DIM + row_lane * VAL_PER);
 #pragma unroll
-        for (int i = 0; i < PER / 4; ++i) out[i] = reinterpret_cast<const Vector16*>(words)[i];
+        for (int i = 0; i < VAL_PER / 4; ++i) out[i] = reinterpret_cast<const Vector16*>(words)[i];
     }
     if (bad != 0.f) atomicOr(refused, 2);
     if (!in_range) atomicOr(refused, 8);

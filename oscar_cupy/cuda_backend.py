@@ -21,6 +21,8 @@ WARPS = THREADS // 32
 STATIC_SHARED_LIMIT = 48 * 1024  # dynamic shared memory beyond this needs the function attribute raised
 STASH_LIMIT = 112 * 1024  # quantize_keys keeps its rows in shared memory up to this (two blocks per SM)
 VALUE_WARPS = 4  # VAL_WARPS of quantize_values
+VALUE_LANE_CHANNELS = 32  # VAL_PER of quantize_values: channels per lane
+KEY_LANE_ROWS = 4  # KEY_LANE_ROWS of quantize_keys: rows of 16 channels per lane
 SCALINGS = {"none": 0, "l2": 1, "l2_per_head": 2}
 DTYPE_NAMES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}
 
@@ -115,13 +117,13 @@ def launch_quantize_keys(k, config: QuantConfig, lengths, out: dict, refused) ->
         kernels.quantize_variant(head_dim, config.bits, dtype_name(k.dtype), config.scale_dtype), "quantize_keys",
         k.device.id,
     )
-    # see quantize_keys in raw_kernels/quantize.cu: a lane holds 4 rows of 16 channels, a warp 2048 / head_dim rows
-    warps_per_head = group // (2048 // head_dim)
+    # see quantize_keys in raw_kernels/quantize.cu: a lane holds KEY_LANE_ROWS rows of 16 channels
+    warps_per_head = group // (32 // (head_dim // 16) * KEY_LANE_ROWS)
     heads_per_round = max(1, min(heads, WARPS // warps_per_head))
     padded = head_dim // 16 * 17  # PADDED_DIM: per-channel floats, padded against bank conflicts
     shared = (
         (heads * group * 8 + group * 4 if config.token_scaling == "l2" else 0)
-        + heads_per_round * 2 * (group // 4) * padded * 4  # partial extremes
+        + heads_per_round * 2 * (group // KEY_LANE_ROWS) * padded * 4  # partial extremes
         + heads_per_round * 2 * padded * 4  # group parameters
     )
     stash_bytes = heads * group * head_dim * k.itemsize
@@ -152,7 +154,7 @@ def launch_quantize_values(v, config: QuantConfig, lengths, out: dict, refused) 
         v.device.id,
     )
     rotate = _uses_hadamard(config) and config.rotate_values
-    word_rows_per_block = VALUE_WARPS * 32 // (head_dim // 32)  # a row slot of a warp packs one word row
+    word_rows_per_block = VALUE_WARPS * 32 // (head_dim // VALUE_LANE_CHANNELS)  # a row slot packs one word row
     word_rows = capacity // config.codes_per_word
     function(
         (-(-word_rows // word_rows_per_block), batch * heads), (32 * VALUE_WARPS,),

@@ -30,7 +30,7 @@
 #define KEY_PER 16                                  // channels per lane
 #define KEY_ROW_LANES (HEAD_DIM / KEY_PER)          // lanes per row
 #define KEY_ROWS (WARP / KEY_ROW_LANES)             // row slots per warp
-#define KEY_LANE_ROWS 4                             // rows a lane holds at once
+#define KEY_LANE_ROWS 4                             // rows a lane holds at once (cuda_backend.KEY_LANE_ROWS)
 #define KEY_WARP_ROWS (KEY_ROWS * KEY_LANE_ROWS)    // rows a warp holds: 2048 / HEAD_DIM
 #define KEY_BATCH 4                                 // rows per lane whose loads phase 1 issues together
 #define KEY_WORDS_PER_ROW (HEAD_DIM / PER_WORD)
@@ -38,7 +38,7 @@
 #define PADDED(c) ((c) / KEY_PER * (KEY_PER + 1) + (c) % KEY_PER)  // so a warp's lanes hit 32 different banks
 #define KEY_WORDS_PER_LANE (KEY_PER / PER_WORD)     // 1 at 2 bits, 2 at 4 bits
 
-#define VAL_PER 32                                  // channels per lane
+#define VAL_PER 32                                  // channels per lane (cuda_backend.VALUE_LANE_CHANNELS)
 #define VAL_ROW_LANES (HEAD_DIM / VAL_PER)
 #define VAL_ROWS (WARP / VAL_ROW_LANES)             // row slots per warp, one value word row each
 #define VAL_THREADS 128

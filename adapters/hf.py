@@ -13,7 +13,7 @@ CPU tensors use the reference backend; CUDA tensors (float16 or bfloat16 models)
 current stream. Layers that are not full attention (sliding-window, chunked, linear or hybrid) stay in transformers'
 full-precision cache layers, with one warning. Left-padded batches (as ``generate`` makes them) are stored without
 their padding, each sequence from its own first token. :class:`CudaGraphDecoder` replays decode steps from a CUDA graph
-(a step loop of its own, beside ``generate``).
+(a step loop of its own, beside ``generate``; :mod:`oscar_cupy.adapters.generation` builds generation on it).
 """
 
 from __future__ import annotations
@@ -175,7 +175,8 @@ class CudaGraphDecoder:
     stored). The first step, and the first after each flush, runs eagerly (it makes the attention plans for the new
     packed length); the next is captured and the following ones replay it; flushes run between steps, outside the
     graph. Every layer must be an :class:`OscarLayer` (no full-precision layers) on one CUDA device. Do not use the
-    cache with the model directly while a decoder drives it.
+    cache with the model directly while a decoder drives it; :meth:`close` hands it back (the model's own decode steps
+    flush after their attention again). :func:`oscar_cupy.adapters.generation.generate` is ``generate`` on top of it.
     """
 
     def __init__(self, model, cache: OscarCache):
@@ -220,6 +221,12 @@ class CudaGraphDecoder:
                     store.flush()
             self._graph, self._logits, self._eager_next = None, None, True
         return logits
+
+    def close(self) -> None:
+        """Stop driving the cache: drop the graph and let the model's eager steps flush after their attention again."""
+        for store in self._stores:
+            store.capturable = False
+        self._graph, self._logits, self._eager_next = None, None, True
 
     def _forward(self) -> torch.Tensor:
         with torch.no_grad():

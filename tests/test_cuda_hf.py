@@ -164,3 +164,50 @@ def test_cuda_graph_decoder_equals_eager_decoding(dtype):
     eager, replayed = results
     assert ((replayed - eager).norm() / eager.norm()).item() < 1e-2
     assert (replayed.argmax(-1) == eager.argmax(-1)).float().mean().item() > 0.97
+
+
+def test_generate_through_the_graph_decoder_chooses_what_generate_chooses():
+    """Greedy generation with decode steps replayed from CUDA graphs gives transformers' generate tokens (same model,
+    same cache config, a left-padded batch, through flushes), up to a first difference that only a near tie of
+    generate's own logits may cause (the two paths round differently); an end-of-sequence token pads its sequence from
+    there on; top-k 1 sampling is greedy; the cache is handed back to the model's eager steps afterwards."""
+    from oscar_cupy.adapters.generation import generate
+
+    model = tiny_model("llama").to(torch.float16).to("cuda")
+    config = oc.QuantConfig.preset("oscar-2", window=32)
+    prompt = torch.randint(0, 256, (2, 45), generator=torch.Generator().manual_seed(3)).to("cuda")
+    mask = torch.ones_like(prompt)
+    mask[1, :9] = 0
+    new = 70  # two flushes of the 32-token window
+
+    def ours(**kwargs):
+        cache = enable_oscar(model, config)
+        sequences = generate(model, cache, prompt, mask, max_new_tokens=new, **kwargs)
+        assert not any(layer.cache.capturable for layer in cache.layers)
+        disable_oscar(model)
+        return sequences
+
+    greedy = ours()
+    assert greedy.shape == (2, 45 + new) and torch.equal(greedy[:, :45], prompt)
+    cache = enable_oscar(model, config)
+    reference = model.generate(prompt, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0,
+                               past_key_values=cache, output_logits=True, return_dict_in_generate=True)
+    disable_oscar(model)
+    for b in range(2):
+        differ = (greedy[b, 45:] != reference.sequences[b, 45:]).nonzero()
+        if differ.numel():  # only where generate's own choice was a near tie
+            logits = reference.logits[int(differ[0])][b].float()
+            top = logits.topk(2).values
+            assert (top[0] - top[1]).item() < 2e-2 * logits.abs().max().item()
+
+    assert torch.equal(ours(do_sample=True, top_k=1, generator=torch.Generator("cuda").manual_seed(0)), greedy)
+
+    end = int(greedy[0, 45 + 3])
+    stopped = ours(eos_token_id=end, pad_token_id=0)
+    for b in range(2):
+        hits = (greedy[b, 45:] == end).nonzero()
+        last = int(hits[0]) if hits.numel() else new - 1  # the sequence's last token
+        assert torch.equal(stopped[b, 45 : 45 + last + 1], greedy[b, 45 : 45 + last + 1])
+        assert (stopped[b, 45 + last + 1 :] == 0).all()
+    ends = [int((greedy[b, 45:] == end).nonzero()[0]) if (greedy[b, 45:] == end).any() else new - 1 for b in range(2)]
+    assert stopped.shape[1] == 45 + max(ends) + 1  # stops when every sequence has ended

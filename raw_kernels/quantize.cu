@@ -46,40 +46,25 @@
 
 struct alignas(16) Vector16 { u32 word[4]; };
 
-// N consecutive elements at `from` (16-byte aligned, global or shared memory) copied to `to` unchanged
+// N consecutive elements at `from` (16-byte aligned, global or shared memory) copied to `to` unchanged, in 16-byte
+// chunks; chunk i is read from chunk i ^ from_swap and written to chunk i ^ to_swap (the stash's order, stash_swap)
 template <int N>
-__device__ __forceinline__ void copy_row(const in_t* __restrict__ from, in_t* __restrict__ to) {
+__device__ __forceinline__ void copy_row(const in_t* __restrict__ from, in_t* __restrict__ to, int from_swap = 0,
+                                         int to_swap = 0) {
 #pragma unroll
     for (int i = 0; i < N * (int)sizeof(in_t) / 16; ++i)
-        reinterpret_cast<Vector16*>(to)[i] = reinterpret_cast<const Vector16*>(from)[i];
+        reinterpret_cast<Vector16*>(to)[i ^ to_swap] = reinterpret_cast<const Vector16*>(from)[i ^ from_swap];
 }
 
 // a row's chunks in the stash: a lane's 16-byte chunk i sits at i ^ swap, swap = ((lane in row / 4) ^ row) & 1, so
 // that the 8 lanes of a quarter warp (one row for head_dim >= 128, two rows for 64) reach 8 different bank groups
 __device__ __forceinline__ int stash_swap(int row_lane, int row) { return ((row_lane >> 2) ^ row) & 1; }
 
+// N consecutive elements widened to float32 (`swap`: the chunk order of a stashed row)
 template <int N>
-__device__ __forceinline__ void stash_row(const in_t (&elements)[N], in_t* __restrict__ to, int swap) {
-#pragma unroll
-    for (int i = 0; i < N * (int)sizeof(in_t) / 16; ++i)
-        reinterpret_cast<Vector16*>(to)[i ^ swap] = reinterpret_cast<const Vector16*>(elements)[i];
-}
-
-template <int N>
-__device__ __forceinline__ void unstash_row(const in_t* __restrict__ from, float (&x)[N], int swap) {
+__device__ __forceinline__ void load_row(const in_t* __restrict__ row, float (&x)[N], int swap = 0) {
     alignas(16) in_t elements[N];
-#pragma unroll
-    for (int i = 0; i < N * (int)sizeof(in_t) / 16; ++i)
-        reinterpret_cast<Vector16*>(elements)[i] = reinterpret_cast<const Vector16*>(from)[i ^ swap];
-#pragma unroll
-    for (int j = 0; j < N; ++j) x[j] = in_to_f32(elements[j]);
-}
-
-// N consecutive elements widened to float32
-template <int N>
-__device__ __forceinline__ void load_row(const in_t* __restrict__ row, float (&x)[N]) {
-    alignas(16) in_t elements[N];
-    copy_row<N>(row, elements);
+    copy_row<N>(row, elements, swap);
 #pragma unroll
     for (int j = 0; j < N; ++j) x[j] = in_to_f32(elements[j]);
 }
@@ -173,7 +158,7 @@ extern "C" __global__ void __launch_bounds__(512) quantize_keys(
                 double sum = 0.0;
                 if (row_valid) {
                     if (stash)
-                        stash_row<KEY_PER>(elements[k], stashed + (i64)i * HEAD_DIM, stash_swap(row_lane, i));
+                        copy_row<KEY_PER>(elements[k], stashed + (i64)i * HEAD_DIM, 0, stash_swap(row_lane, i));
                     float x[KEY_PER];
 #pragma unroll
                     for (int j = 0; j < KEY_PER; ++j) x[j] = in_to_f32(elements[k][j]);
@@ -209,7 +194,7 @@ extern "C" __global__ void __launch_bounds__(512) quantize_keys(
             for (int j = 0; j < KEY_PER; ++j) x[r][j] = 0.f;
             if (row_valid) {
                 if (stash)
-                    unstash_row<KEY_PER>(stashed + ((i64)h * key_group + t) * HEAD_DIM, x[r], stash_swap(row_lane, t));
+                    load_row<KEY_PER>(stashed + ((i64)h * key_group + t) * HEAD_DIM, x[r], stash_swap(row_lane, t));
                 else
                     load_row<KEY_PER>(base + h * stride_head + t * stride_token, x[r]);
                 if (scaling == SCALING_NONE) check_finite(x[r], bad);

@@ -215,7 +215,8 @@ class CudaGraphDecoder:
             self.replays += 1
         logits = logits.clone()
         self._positions += 1
-        if any((store.window_lengths >= store.config.window).any() for store in self._stores):
+        first = self._stores[0]  # every layer holds the same tokens, so the same lengths
+        if (first.window_lengths >= first.config.window).any():
             with _torch_stream(self._tokens.device):
                 for store in self._stores:
                     store.flush()

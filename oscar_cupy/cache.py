@@ -161,7 +161,7 @@ class LayerCache:
         replayed CUDA graph of a decode step leaves to the host (the device's copy of the lengths advanced in it)."""
         self.window_lengths = self.window_lengths + count
         if self._device_lengths_host is not None:
-            self._device_lengths_host = self._host_lengths()
+            self._device_lengths_host[1] += count  # the device's copy was advanced by the same count
 
     def flush(self, keep: int = 0) -> None:
         """Pack the oldest ``window`` tokens of every sequence whose window holds at least ``window + keep``: the

@@ -34,7 +34,7 @@
 #define KEY_WARP_ROWS (KEY_ROWS * KEY_LANE_ROWS)    // rows a warp holds: 2048 / HEAD_DIM
 #define KEY_BATCH 4                                 // rows per lane whose loads phase 1 issues together
 #define KEY_WORDS_PER_ROW (HEAD_DIM / PER_WORD)
-#define PADDED_DIM (KEY_ROW_LANES * (KEY_PER + 1))  // per-channel floats in shared memory: a lane's 16 at a stride of 17
+#define PADDED_DIM (KEY_ROW_LANES * (KEY_PER + 1))  // per-channel floats in shared memory: a lane's 16 at stride 17
 #define PADDED(c) ((c) / KEY_PER * (KEY_PER + 1) + (c) % KEY_PER)  // so a warp's lanes hit 32 different banks
 #define KEY_WORDS_PER_LANE (KEY_PER / PER_WORD)     // 1 at 2 bits, 2 at 4 bits
 

@@ -193,12 +193,14 @@ __device__ __forceinline__ u32 shared_address(const void* pointer) {
     return address;
 }
 
-// `words` (a multiple of 4) 16-byte aligned words from global memory to shared address `target`, over the warp's lanes
-__device__ __forceinline__ void copy_async(u32 target, const void* source, int words, int lane) {
+// `words` (a multiple of 4) 16-byte aligned words from global memory to shared memory, over the warp's lanes: this lane
+// copies its 16-byte chunks lane, lane + 32, ... from `source` + `offset` bytes to shared address `target`, both already
+// advanced by the lane's 16 bytes (one 64-bit add per call)
+__device__ __forceinline__ void copy_async(u32 target, const char* source, u32 offset, int words, int lane) {
+    const char* from = source + offset;
 #pragma unroll
-    for (int i = 4 * lane; i < words; i += 4 * WARP)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
-                     :: "r"(target + 4 * i), "l"(reinterpret_cast<const u32*>(source) + i));
+    for (int k = 0; 4 * (lane + WARP * k) < words; ++k)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(target + 16 * WARP * k), "l"(from + 16 * WARP * k));
 }
 
 __device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;"); }
@@ -221,14 +223,10 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return r;
 }
 
-__device__ __forceinline__ float quad_max(float x) {
-    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-
-// softmax state of the rows a lane holds: online maximum (base 2) and the lane's part of the sum
+// softmax state of the query rows a lane holds (rows 8 rt + 2p + e, e = 0, 1; the columns of S^T it holds): online
+// maximum (base 2, the same in all lanes of a row) and the lane's part of the sum
 struct RowState {
-    float max[ROW_TILES], sum[ROW_TILES];
+    float max[ROW_TILES][2], sum[ROW_TILES][2];
 };
 
 struct SharedMemory {
@@ -250,22 +248,24 @@ struct SharedMemory {
 // packed path: one warp's contiguous run of 32-token steps
 
 struct PackedArgs {
-    const u32* k_codes; const scale_t* k_scales; const scale_t* k_zeros;
-    const u32* v_codes; const scale_t* v_scales; const scale_t* v_zeros;
-    const float* norms;       // this sequence's (and head's) norms, or null
-    i64 bh;                   // b * kv_heads + h
-    int capacity;             // token capacity of the storage (addressing)
-    int key_group_shift;      // log2(key group)
+    // copy sources of this (sequence, KV head), advanced by the lane's 16 bytes (copy_async): the token-indexed arrays
+    // from the warp's first token on, the key scales from key group 0
+    const char* k_codes; const char* v_codes; const char* v_scales; const char* v_zeros; const char* k_scales;
+    const char* norms;                               // or null
+    const scale_t* k_zeros;                          // this (sequence, KV head)'s key zeros from key group 0
+    int first_token;                                 // the warp's first token
+    int groups;                                      // key groups of the storage
+    int key_group_shift;                             // log2(key group)
 };
 
 // the bias of 8 key groups g0 .. g0+7 for the lane's rows: C fragment (row g, group g0 + 2p + {0,1}; rows + 8)
 __device__ __forceinline__ void key_bias_block(float (&bias)[4], const PackedArgs& a, const u32* q_pairs, int g0,
-                                               int groups, int lane) {
+                                               int lane) {
     const int p = lane % 4, g = lane / 4;
     bias[0] = bias[1] = bias[2] = bias[3] = 0.f;
     u32 zeros[LANE_CHANNELS / 2];
-    if (g0 + g < groups) {
-        const scale_t* z = a.k_zeros + (a.bh * groups + g0 + g) * HEAD_DIM + p * LANE_CHANNELS;
+    if (g0 + g < a.groups) {
+        const scale_t* z = a.k_zeros + (g0 + g) * HEAD_DIM + p * LANE_CHANNELS;
 #if SCALE_DTYPE == DTYPE_F32
 #pragma unroll
         for (int n = 0; n < LANE_CHANNELS / 2; ++n) zeros[n] = pack_pair(z[2 * n], z[2 * n + 1]);
@@ -285,20 +285,18 @@ __device__ __forceinline__ void key_bias_block(float (&bias)[4], const PackedArg
     }
 }
 
-// copy step `step` (tokens first_step_token + 32 step ...) into the buffer at shared address `buffer`; one commit group
-// per step, empty or not
-__device__ __forceinline__ void stage_step(u32 buffer, const PackedArgs& a, int first_step_token, int step, int steps,
-                                           int lane) {
+// copy step `step` (the warp's tokens 32 step ...) into the buffer at shared address `buffer` (advanced by the lane's
+// 16 bytes); one commit group per step, empty or not
+__device__ __forceinline__ void stage_step(u32 buffer, const PackedArgs& a, int step, int steps, int lane) {
     if (step < steps) {
-        const int t0 = first_step_token + step * STEP;
-        const i64 token_row = a.bh * a.capacity + t0;
-        const i64 group_row = (a.bh * a.capacity >> a.key_group_shift) + (t0 >> a.key_group_shift);
-        copy_async(buffer, a.k_codes + token_row * KEY_WORDS, STAGE_KEYS, lane);
-        copy_async(buffer + AT_VALUES, a.v_codes + token_row / PER_WORD * HEAD_DIM, STAGE_VALUES, lane);
-        copy_async(buffer + AT_VALUE_SCALES, a.v_scales + token_row * VALUE_GROUPS, STAGE_VALUE_PARAMS, lane);
-        copy_async(buffer + AT_VALUE_ZEROS, a.v_zeros + token_row * VALUE_GROUPS, STAGE_VALUE_PARAMS, lane);
-        copy_async(buffer + AT_KEY_SCALES, a.k_scales + group_row * HEAD_DIM, STAGE_KEY_SCALES, lane);
-        if (a.norms != nullptr) copy_async(buffer + AT_NORMS, a.norms + t0, STEP, lane);
+        const u32 s = step * STEP;
+        const u32 group = (u32)(a.first_token + s) >> a.key_group_shift;
+        copy_async(buffer, a.k_codes, 4 * s * KEY_WORDS, STAGE_KEYS, lane);
+        copy_async(buffer + AT_VALUES, a.v_codes, 4 * s / PER_WORD * HEAD_DIM, STAGE_VALUES, lane);
+        copy_async(buffer + AT_VALUE_SCALES, a.v_scales, s * VALUE_GROUPS * sizeof(scale_t), STAGE_VALUE_PARAMS, lane);
+        copy_async(buffer + AT_VALUE_ZEROS, a.v_zeros, s * VALUE_GROUPS * sizeof(scale_t), STAGE_VALUE_PARAMS, lane);
+        copy_async(buffer + AT_KEY_SCALES, a.k_scales, group * HEAD_DIM * sizeof(scale_t), STAGE_KEY_SCALES, lane);
+        if (a.norms != nullptr) copy_async(buffer + AT_NORMS, a.norms, 4 * s, STEP, lane);
     }
     commit_copies();
 }
@@ -316,22 +314,44 @@ __device__ __forceinline__ u32 scale_pair_at(const u32 (&raw)[N], int lo, int hi
 #endif
 }
 
+// movmatrix: the 8x8 16-bit matrix whose row lane / 4, columns 2 (lane % 4) + {0, 1} this lane holds, transposed
+__device__ __forceinline__ u32 transpose_pairs(u32 x) {
+    u32 r;
+    asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x));
+    return r;
+}
+
+__device__ __forceinline__ float group_max(float x) {  // over the 8 lanes of one p = lane % 4
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 8));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 16));
+}
+
+// S^T = C Q'^T, tokens as the 16 rows of the tensor-core product and query rows as its 8 columns: A = key codes
+// (16 tokens x 16 channels), B = Q'^T (16 channels x 8 rows of row tile rt), so no half of an operand is padding. Row r
+// of token tile mt is token tau(mt, r) = 8 (r % 8 / 2) + 4 mt + 2 (r / 8) + r % 2 of the step: lane (g, p) reads key
+// rows 8 (g / 2) + g % 2 + 2 t for t = 2 mt + {0, 1} (rows g and g + 8 of tile mt) and holds the logits of these tokens
+// for query rows 2p, 2p+1. Transposed (movmatrix), the probabilities of tile mt are the B fragment of P^T for the
+// value k-step mt with the lane's tokens 8p + 4 mt + {0, 1} (b0) and + {2, 3} (b1): the order the value codes are read in.
 __device__ __forceinline__ void packed_run(const PackedArgs& a, const SharedMemory& shared, StepBuffer* buffers,
-                                           int first_step_token, int steps, const int (&limit)[ROW_TILES],
-                                           int warp_limit, int packed_end, int lane, RowState& state,
+                                           int steps, const int (&limit)[ROW_TILES][2], int warp_limit,
+                                           int packed_end, int lane, RowState& state,
                                            float (&out)[ROW_TILES][VALUE_TILES][4], float (&zero_acc)[ROW_TILES][2],
                                            float (&correction)[ROW_TILES][VALUE_GROUPS][2]) {
     const int p = lane % 4, g = lane / 4;
-    const int groups = a.capacity >> a.key_group_shift;
-    const u32 buffer0 = shared_address(buffers), magic = magic_register();
+    const u32 buffer0 = shared_address(buffers) + 16 * lane, magic = magic_register();  // the lane's copy targets
+    constexpr u32 STAGE_BYTES = (u32)sizeof(StepBuffer);
 #pragma unroll
-    for (int step = 0; step < STAGES - 1; ++step)
-        stage_step(buffer0 + step * (u32)sizeof(StepBuffer), a, first_step_token, step, steps, lane);
-    const u32* my_q0 = shared.q_code_pairs + g * Q_ROW_STRIDE + p * Q_LANE_STRIDE;
-    const u32* my_q1 = my_q0 + 8 * Q_ROW_STRIDE;
+    for (int step = 0; step < STAGES - 1; ++step) stage_step(buffer0 + step * STAGE_BYTES, a, step, steps, lane);
+    u32 fill = buffer0 + (STAGES - 1) * STAGE_BYTES;  // the buffer the next copies go to
+    int stage = 0;                                     // the buffer of the current step
+    const u32* my_q[ROW_TILES];
+#pragma unroll
+    for (int rt = 0; rt < ROW_TILES; ++rt) my_q[rt] = shared.q_code_pairs + (g + 8 * rt) * Q_ROW_STRIDE + p * Q_LANE_STRIDE;
     u32 q_scaled[ROW_TILES][LANE_CHANNELS / 2];
-    float bias_block[4], bias[ROW_TILES];
+    float bias_block[4], bias[ROW_TILES][2];
     int current_group = -1, block_start = -1;
+    const int key_token = 8 * (g / 2) + g % 2;  // + 2t: the lane's key rows of a step
     // the lane's value tokens 8p .. 8p+7 of the step: slot pairs 0-3 of word row p (4 bits), or of word row p / 2
     // shifted right by 8 bits for odd p (2 bits: a word row holds 16 tokens, the odd lane's are in pairs 4-7)
 #if BITS == 2
@@ -341,23 +361,20 @@ __device__ __forceinline__ void packed_run(const PackedArgs& a, const SharedMemo
 #endif
 
     for (int step = 0; step < steps; ++step) {
-        const int stage = step % STAGES;
-        stage_step(buffer0 + ((step + STAGES - 1) % STAGES) * (u32)sizeof(StepBuffer), a, first_step_token,
-                   step + STAGES - 1, steps, lane);
+        stage_step(fill, a, step + STAGES - 1, steps, lane);
+        fill = fill + STAGE_BYTES == buffer0 + STAGES * STAGE_BYTES ? buffer0 : fill + STAGE_BYTES;
         wait_copies<STAGES - 1>();
         __syncwarp();
         const StepBuffer& buffer = buffers[stage];
-        const int t0 = first_step_token + step * STEP;
+        stage = stage + 1 == STAGES ? 0 : stage + 1;
+        const int t0 = a.first_token + step * STEP;
         const int group = t0 >> a.key_group_shift;
         if (group != current_group) {  // fold the key group's scales into the query, pick its bias
             if (block_start < 0 || group >= block_start + 8) {
                 block_start = group;
-                key_bias_block(bias_block, a, shared.q_pairs, block_start, groups, lane);
+                key_bias_block(bias_block, a, shared.q_pairs, block_start, lane);
             }
-            const int slot = group - block_start, source = g * 4 + slot / 2;
-            bias[0] = __shfl_sync(0xffffffffu, slot % 2 ? bias_block[1] : bias_block[0], source);
-            const float b1 = __shfl_sync(0xffffffffu, slot % 2 ? bias_block[3] : bias_block[2], source);
-            if (ROW_TILES > 1) bias[ROW_TILES - 1] = b1;
+            const int slot = group - block_start;
             u32 scales[LANE_CHANNELS / 2];
             const scale_t* s = reinterpret_cast<const scale_t*>(buffer.key_scales) + p * LANE_CHANNELS;
 #if SCALE_DTYPE == DTYPE_F32
@@ -366,68 +383,63 @@ __device__ __forceinline__ void packed_run(const PackedArgs& a, const SharedMemo
 #else
             load_words(scales, s);
 #endif
-            float sum[ROW_TILES][2];
 #pragma unroll
-            for (int rt = 0; rt < ROW_TILES; ++rt) sum[rt][0] = sum[rt][1] = 0.f;
+            for (int rt = 0; rt < ROW_TILES; ++rt) {
 #pragma unroll
-            for (int n = 0; n < LANE_CHANNELS / 2; ++n) {
-                q_scaled[0][n] = mul_pair(my_q0[n], scales[n]);
-                if (ROW_TILES > 1) q_scaled[ROW_TILES - 1][n] = mul_pair(my_q1[n], scales[n]);
+                for (int n = 0; n < LANE_CHANNELS / 2; ++n) q_scaled[rt][n] = mul_pair(my_q[rt][n], scales[n]);
+                // the sum of row g + 8 rt of the query operand over all channels, exactly as the tensor cores see it:
+                // times MAGIC it is what the codes' offsets add to each of its logits. Rows g and g + 8 of A both
+                // carry row g + 8 rt here (four pairs per product), so the sum is d[0] + d[2].
+                float sum[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                for (int n = 0; n < LANE_CHANNELS / 2; n += 4)
+                    mma(sum, q_scaled[rt][n], q_scaled[rt][n + 1], q_scaled[rt][n + 2], q_scaled[rt][n + 3], ONE_PAIR,
+                        ONE_PAIR);
+                // row g + 8 rt's bias (held by lane 4g + slot / 2), then rows 8 rt + 2p + e of this lane
+                const float row_bias = __shfl_sync(0xffffffffu, slot % 2 ? bias_block[2 * rt + 1] : bias_block[2 * rt], 4 * g + slot / 2) -
+                                       MAGIC_VALUE * (sum[0] + sum[2]);
+                bias[rt][0] = __shfl_sync(0xffffffffu, row_bias, 8 * p);
+                bias[rt][1] = __shfl_sync(0xffffffffu, row_bias, 8 * p + 4);
             }
-            // the sum of the query operand over all channels, exactly as the tensor cores see it: times MAGIC it is
-            // what the codes' offsets add to every logit of the row
-#pragma unroll
-            for (int j = 0; j < KSTEPS; ++j) {
-                mma_low(sum[0], q_scaled[0][2 * j], 0u, q_scaled[0][2 * j + 1], 0u, ONE_PAIR, ONE_PAIR);
-                if (ROW_TILES > 1)
-                    mma_low(sum[ROW_TILES - 1], q_scaled[ROW_TILES - 1][2 * j], 0u, q_scaled[ROW_TILES - 1][2 * j + 1],
-                            0u, ONE_PAIR, ONE_PAIR);
-            }
-#pragma unroll
-            for (int rt = 0; rt < ROW_TILES; ++rt) bias[rt] -= MAGIC_VALUE * sum[rt][0];
             current_group = group;
         }
 
-        // ---- S = Q' C^T over 4 tiles of 8 tokens
-        float logits[4][4];
+        // ---- S^T = C Q'^T over 2 tiles of 16 tokens: st[rt][mt] = (token rows g, g + 8; query columns 2p, 2p+1)
+        float st[ROW_TILES][2][4];
         {
             u32 words[4][LANE_KEY_WORDS];
 #pragma unroll
-            for (int t = 0; t < 4; ++t) {
-                const int token = 8 * (lane / 8) + 2 * t + (g % 2);  // within the step
-                load_words(words[t], buffer.keys + token * KEY_WORDS + p * LANE_KEY_WORDS);
-            }
+            for (int t = 0; t < 4; ++t)
+                load_words(words[t], buffer.keys + (key_token + 2 * t) * KEY_WORDS + p * LANE_KEY_WORDS);
 #pragma unroll
-            for (int t = 0; t < 4; ++t) {
-                logits[t][0] = logits[t][1] = logits[t][2] = logits[t][3] = 0.f;
+            for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+                for (int rt = 0; rt < ROW_TILES; ++rt) st[rt][mt][0] = st[rt][mt][1] = st[rt][mt][2] = st[rt][mt][3] = 0.f;
 #pragma unroll
                 for (int j = 0; j < KSTEPS; ++j) {
                     const int n0 = 2 * j, n1 = 2 * j + 1;
-                    const u32 b0 = code_pair(words[t][n0 / PAIRS_PER_WORD], n0 % PAIRS_PER_WORD, magic);
-                    const u32 b1 = code_pair(words[t][n1 / PAIRS_PER_WORD], n1 % PAIRS_PER_WORD, magic);
-                    mma(logits[t], q_scaled[0][n0], ROW_TILES > 1 ? q_scaled[ROW_TILES - 1][n0] : 0u, q_scaled[0][n1],
-                        ROW_TILES > 1 ? q_scaled[ROW_TILES - 1][n1] : 0u, b0, b1);
+                    const u32 a0 = code_pair(words[2 * mt][n0 / PAIRS_PER_WORD], n0 % PAIRS_PER_WORD, magic);
+                    const u32 a1 = code_pair(words[2 * mt + 1][n0 / PAIRS_PER_WORD], n0 % PAIRS_PER_WORD, magic);
+                    const u32 a2 = code_pair(words[2 * mt][n1 / PAIRS_PER_WORD], n1 % PAIRS_PER_WORD, magic);
+                    const u32 a3 = code_pair(words[2 * mt + 1][n1 / PAIRS_PER_WORD], n1 % PAIRS_PER_WORD, magic);
+#pragma unroll
+                    for (int rt = 0; rt < ROW_TILES; ++rt) mma(st[rt][mt], a0, a1, a2, a3, q_scaled[rt][n0], q_scaled[rt][n1]);
                 }
             }
         }
 
-        // ---- logits: times the token norms, masked where needed; lane p holds tokens t0 + 8p + (2t + e)
-        float norm[8];
-        if (a.norms != nullptr) {
-            u32 bits[8];
-            load_words(bits, buffer.norms + 8 * p);
+        // ---- logits[rt][t][e]: token key_token + 2t (t = 2 mt + half), query row 8 rt + 2p + e; times the token norms,
+        // masked where needed
+        float logits[ROW_TILES][4][2];
+        float norm[4];
 #pragma unroll
-            for (int k = 0; k < 8; ++k) norm[k] = __uint_as_float(bits[k]);
-        } else {
-#pragma unroll
-            for (int k = 0; k < 8; ++k) norm[k] = 1.f;
-        }
+        for (int t = 0; t < 4; ++t) norm[t] = a.norms != nullptr ? buffer.norms[key_token + 2 * t] : 1.f;
 #pragma unroll
         for (int rt = 0; rt < ROW_TILES; ++rt)
 #pragma unroll
             for (int t = 0; t < 4; ++t)
 #pragma unroll
-                for (int e = 0; e < 2; ++e) logits[t][2 * rt + e] = norm[2 * t + e] * (logits[t][2 * rt + e] + bias[rt]);
+                for (int e = 0; e < 2; ++e) logits[rt][t][e] = norm[t] * (st[rt][t / 2][2 * (t % 2) + e] + bias[rt][e]);
         if (t0 + STEP > warp_limit) {  // a step at the end of the packed part or of a causal row: mask (uniform branch)
 #pragma unroll
             for (int rt = 0; rt < ROW_TILES; ++rt)
@@ -435,38 +447,35 @@ __device__ __forceinline__ void packed_run(const PackedArgs& a, const SharedMemo
                 for (int t = 0; t < 4; ++t)
 #pragma unroll
                     for (int e = 0; e < 2; ++e)
-                        if (t0 + 8 * p + 2 * t + e >= limit[rt]) logits[t][2 * rt + e] = NEG_INF;
+                        if (t0 + key_token + 2 * t >= limit[rt][e]) logits[rt][t][e] = NEG_INF;
         }
 
-        // ---- online softmax (base 2)
-        float alpha[ROW_TILES];
+        // ---- online softmax (base 2) of the lane's query rows over the step's 32 tokens (8 lanes share a row)
+        float alpha[ROW_TILES][2];
+        bool rescale = false;
 #pragma unroll
         for (int rt = 0; rt < ROW_TILES; ++rt) {
-            float m = NEG_INF;
 #pragma unroll
-            for (int t = 0; t < 4; ++t) m = fmaxf(m, fmaxf(logits[t][2 * rt], logits[t][2 * rt + 1]));
-            const float m_new = fmaxf(state.max[rt], quad_max(m));
-            const float m_use = m_new == NEG_INF ? 0.f : m_new;
-            alpha[rt] = fast_exp2(state.max[rt] - m_use);
-            state.max[rt] = m_new;
-            float sum = 0.f;
+            for (int e = 0; e < 2; ++e) {
+                const float m = fmaxf(fmaxf(logits[rt][0][e], logits[rt][1][e]), fmaxf(logits[rt][2][e], logits[rt][3][e]));
+                const float m_new = fmaxf(state.max[rt][e], group_max(m));
+                const float m_use = m_new == NEG_INF ? 0.f : m_new;
+                alpha[rt][e] = fast_exp2(state.max[rt][e] - m_use);
+                rescale = rescale || alpha[rt][e] != 1.f;
+                state.max[rt][e] = m_new;
+                float sum = 0.f;
 #pragma unroll
-            for (int t = 0; t < 4; ++t) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    logits[t][2 * rt + e] = fast_exp2(logits[t][2 * rt + e] - m_use);
-                    sum += logits[t][2 * rt + e];
+                for (int t = 0; t < 4; ++t) {
+                    logits[rt][t][e] = fast_exp2(logits[rt][t][e] - m_use);
+                    sum += logits[rt][t][e];
                 }
+                state.sum[rt][e] = state.sum[rt][e] * alpha[rt][e] + sum;
             }
-            state.sum[rt] = state.sum[rt] * alpha[rt] + sum;
         }
-        bool rescale = alpha[0] != 1.f;
-        if (ROW_TILES > 1) rescale = rescale || alpha[ROW_TILES - 1] != 1.f;
-        if (__any_sync(0xffffffffu, rescale)) {  // O^T fragments hold rows 2p, 2p+1: take their factors
+        if (__any_sync(0xffffffffu, rescale)) {  // O^T fragments hold the same rows 2p, 2p+1 as columns
 #pragma unroll
             for (int rt = 0; rt < ROW_TILES; ++rt) {
-                const float f0 = __shfl_sync(0xffffffffu, alpha[rt], (2 * p) * 4);
-                const float f1 = __shfl_sync(0xffffffffu, alpha[rt], (2 * p + 1) * 4);
+                const float f0 = alpha[rt][0], f1 = alpha[rt][1];
 #pragma unroll
                 for (int i = 0; i < VALUE_TILES; ++i) {
                     out[rt][i][0] *= f0; out[rt][i][1] *= f1; out[rt][i][2] *= f0; out[rt][i][3] *= f1;
@@ -518,8 +527,8 @@ __device__ __forceinline__ void packed_run(const PackedArgs& a, const SharedMemo
             u32 probs[ROW_TILES][2], scaled[ROW_TILES][VALUE_GROUPS][2];
 #pragma unroll
             for (int rt = 0; rt < ROW_TILES; ++rt) {
-                probs[rt][0] = pack_pair(logits[2 * ks][2 * rt], logits[2 * ks][2 * rt + 1]);
-                probs[rt][1] = pack_pair(logits[2 * ks + 1][2 * rt], logits[2 * ks + 1][2 * rt + 1]);
+                probs[rt][0] = transpose_pairs(pack_pair(logits[rt][2 * ks][0], logits[rt][2 * ks][1]));
+                probs[rt][1] = transpose_pairs(pack_pair(logits[rt][2 * ks + 1][0], logits[rt][2 * ks + 1][1]));
                 const float f0 = code_factor(2 * ks), f1 = code_factor(2 * ks + 1);
                 const u32 folded0 = f0 == 1.f ? probs[rt][0] : mul_pair(probs[rt][0], pack_pair(f0, f0));
                 const u32 folded1 = f1 == 1.f ? probs[rt][1] : mul_pair(probs[rt][1], pack_pair(f1, f1));
@@ -682,16 +691,24 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
     const int steps = packed_part && split_stop > split_start ? (int)((split_stop - split_start + STEP - 1) / STEP) : 0;
     const int per_warp = (steps + WARPS - 1) / WARPS;
     const int my_first = min(steps, warp * per_warp), my_steps = min(steps, my_first + per_warp) - my_first;
+    const int first_token = (int)split_start + my_first * STEP;
+    const i64 first_row = (i64)bh * capacity + first_token;  // the warp's first token in the storage
+    auto lane_source = [&](const void* array) { return reinterpret_cast<const char*>(array) + 16 * lane; };
     PackedArgs args;
-    args.k_codes = k_codes; args.k_scales = k_scales; args.k_zeros = k_zeros;
-    args.v_codes = v_codes; args.v_scales = v_scales; args.v_zeros = v_zeros;
-    args.norms = norms != nullptr ? norms + ((i64)b * norm_heads + (norm_heads == 1 ? 0 : h)) * capacity : nullptr;
-    args.bh = bh;
-    args.capacity = capacity;
     args.key_group_shift = __ffs(key_group) - 1;
+    args.groups = capacity >> args.key_group_shift;
+    args.k_codes = lane_source(k_codes + first_row * KEY_WORDS);
+    args.v_codes = lane_source(v_codes + first_row / PER_WORD * HEAD_DIM);
+    args.v_scales = lane_source(v_scales + first_row * VALUE_GROUPS);
+    args.v_zeros = lane_source(v_zeros + first_row * VALUE_GROUPS);
+    args.k_scales = lane_source(k_scales + (i64)bh * args.groups * HEAD_DIM);
+    args.norms = norms != nullptr
+                     ? lane_source(norms + ((i64)b * norm_heads + (norm_heads == 1 ? 0 : h)) * capacity + first_token)
+                     : nullptr;
+    args.k_zeros = k_zeros + (i64)bh * args.groups * HEAD_DIM;
+    args.first_token = first_token;
     extern __shared__ StepBuffer step_buffers[];  // STAGES per warp
     StepBuffer* buffers = step_buffers + warp * STAGES;
-    const int first_token = (int)split_start + my_first * STEP;
 
     // rows of this block: float32 query rows, times softmax_scale * log2(e); zeros beyond `rows`
     for (int i = threadIdx.x; i < RPB * HEAD_DIM; i += THREADS) {
@@ -763,31 +780,32 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
     }
     __syncthreads();
 
-    int limit[ROW_TILES];  // exclusive token limit of the lane's S rows g + 8 rt
+    int limit[ROW_TILES][2];  // exclusive token limit of the lane's query rows 8 rt + 2p + e
     int warp_limit = (int)split_stop;
 #pragma unroll
     for (int rt = 0; rt < ROW_TILES; ++rt) {
-        limit[rt] = (int)min(split_stop, row_end(lane / 4 + 8 * rt));
-        int w = limit[rt];
 #pragma unroll
-        for (int off = 16; off > 0; off /= 2) w = min(w, __shfl_xor_sync(0xffffffffu, w, off));
-        warp_limit = min(warp_limit, w);
+        for (int e = 0; e < 2; ++e) {
+            limit[rt][e] = (int)min(split_stop, row_end(8 * rt + 2 * (lane % 4) + e));
+            warp_limit = min(warp_limit, limit[rt][e]);
+        }
     }
+#pragma unroll
+    for (int off = 1; off < 4; off *= 2) warp_limit = min(warp_limit, __shfl_xor_sync(0xffffffffu, warp_limit, off));
 
     RowState state;
     float out[ROW_TILES][VALUE_TILES][4], zero_acc[ROW_TILES][2], correction[ROW_TILES][VALUE_GROUPS][2];
 #pragma unroll
     for (int rt = 0; rt < ROW_TILES; ++rt) {
-        state.max[rt] = NEG_INF;
-        state.sum[rt] = 0.f;
+        state.max[rt][0] = state.max[rt][1] = NEG_INF;
+        state.sum[rt][0] = state.sum[rt][1] = 0.f;
         zero_acc[rt][0] = zero_acc[rt][1] = 0.f;
 #pragma unroll
         for (int vg = 0; vg < VALUE_GROUPS; ++vg) correction[rt][vg][0] = correction[rt][vg][1] = 0.f;
 #pragma unroll
         for (int i = 0; i < VALUE_TILES; ++i) out[rt][i][0] = out[rt][i][1] = out[rt][i][2] = out[rt][i][3] = 0.f;
     }
-    packed_run(args, shared, buffers, first_token, my_steps, limit, warp_limit, (int)packed, lane, state, out, zero_acc,
-               correction);
+    packed_run(args, shared, buffers, my_steps, limit, warp_limit, (int)packed, lane, state, out, zero_acc, correction);
 
     // ---- value zeros in, code offsets out: channel block blk is value group 32 blk / VALUE_GROUP; its zeros are held
     // by lanes 4 vg + p
@@ -805,11 +823,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
                 out[rt][2 * blk + hh][2] += z0; out[rt][2 * blk + hh][3] += z1;
             }
         }
-        state.sum[rt] += __shfl_xor_sync(0xffffffffu, state.sum[rt], 1);
-        state.sum[rt] += __shfl_xor_sync(0xffffffffu, state.sum[rt], 2);
-        if (p == 0) {
-            shared.row_max[warp][g + 8 * rt] = state.max[rt];
-            shared.row_sum[warp][g + 8 * rt] = state.sum[rt];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            float sum = state.sum[rt][e];
+#pragma unroll
+            for (int off = 4; off < WARP; off *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+            if (g == 0) {
+                shared.row_max[warp][8 * rt + 2 * p + e] = state.max[rt][e];
+                shared.row_sum[warp][8 * rt + 2 * p + e] = sum;
+            }
         }
     }
     merge_and_store(shared, warp, block, [&](int w, auto factor) {

@@ -31,9 +31,7 @@ from oscar_cupy.cuda_backend import dtype_name, hadamard_normalization
 THREADS = 128
 WARPS = THREADS // 32
 STEP = 32  # packed tokens per warp step
-# window splits are counted per 64 tokens (the measured configuration); a window block covers 128 (WINDOW_CHUNK of
-# decode.cu), so of a window's splits the later half exit at once
-WINDOW_CHUNK = 64
+WINDOW_CHUNK = 128  # window tokens per window split (WINDOW_CHUNK of decode.cu)
 MAX_ROW_TILES = 2
 FUNC_SHARED_SIZE_BYTES, FUNC_NUM_REGS = 1, 4  # CUfunction_attribute
 
@@ -89,10 +87,10 @@ class DecodePlan:
             self._combine = kernels.function(variant, "decode_combine", self.device_id)
         steps = -(-max_packed // STEP)
         units = batch * kv_heads * self.row_blocks
-        wanted = _split_count(units, slots, max_splits=-(-steps // WARPS)) if steps else 0  # >= a step per warp
+        self.window_splits = -(-max_window // WINDOW_CHUNK)
+        wanted = _split_count(units, slots, steps, self.window_splits) if steps else 0
         self.split_steps = -(-steps // wanted) if steps else 1
         self.packed_splits = -(-steps // self.split_steps) if steps else 0
-        self.window_splits = -(-max_window // WINDOW_CHUNK)
         self.splits = self.packed_splits + self.window_splits
         with cupy.cuda.Device(self.device_id):
             partial_rows = units * self.splits * rows_per_block
@@ -197,18 +195,33 @@ def _resident_blocks(function_ptr: int, shared_bytes: int, device_id: int) -> in
     return max(1, per_sm) * attributes["MultiProcessorCount"]
 
 
-def _split_count(units: int, slots: int, max_splits: int) -> int:
-    """Splits per (sequence, KV head, row block): the fewest that fill whole waves of ``slots`` resident blocks well
-    (every split costs a partial result to write and merge; a last wave run half empty costs up to half the time)."""
-    best, best_efficiency = 1, 0.0
-    for splits in range(1, max(1, max_splits) + 1):
-        blocks = units * splits
-        waves = -(-blocks // slots)
-        efficiency = blocks / (waves * slots)  # busy fraction of the block slots over the waves
-        if efficiency > best_efficiency + 0.02:
-            best, best_efficiency = splits, efficiency
-        if blocks >= 4 * slots:
-            break
+# relative durations of the blocks of one launch on a full GPU, fitted to H100 measurements: a packed block costs
+# BLOCK_COST (query prologue, block merge, partial result) plus STEP_COST per 32-token step of each of its warps, a
+# window block WINDOW_COST
+STEP_COST, BLOCK_COST, WINDOW_COST = 1.0, 3.0, 10.0
+
+
+def _split_count(units: int, slots: int, steps: int, window_splits: int) -> int:
+    """Packed splits per (sequence, KV head, row block): the count with the shortest estimated launch (the fewest
+    among those within 1%), at least one 32-token step per warp.
+
+    ``units`` (sequence, KV head, row block) triples of ``steps`` packed steps and ``window_splits`` window blocks each;
+    ``slots`` blocks fit on the GPU at once and each block takes a slot as one frees up. Estimate: the window blocks
+    take slots first (``WINDOW_COST`` each; they come after their unit's packed blocks in the grid, but are short), the
+    packed blocks (``BLOCK_COST`` plus ``STEP_COST`` per step of a warp) take the others, then each slot as it frees
+    up; the launch ends with its last packed block. More splits shorten the packed blocks but add their fixed part; a
+    last wave of a few blocks costs a whole block.
+    """
+    window_blocks = units * window_splits
+    rounds, late_slots = divmod(window_blocks, slots)  # window rounds; slots that hold one window block more
+    best, best_time = 1, math.inf
+    for splits in range(1, max(1, -(-steps // WARPS)) + 1):
+        duration = BLOCK_COST + STEP_COST * -(-steps // (splits * WARPS))
+        wave, place = divmod(units * splits - 1, slots)  # the last packed block: its wave and slot
+        release = (rounds + (place >= slots - late_slots)) * WINDOW_COST
+        time = release + (wave + 1) * duration
+        if time < best_time * 0.99:
+            best, best_time = splits, time
     return best
 
 

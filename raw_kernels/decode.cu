@@ -186,6 +186,7 @@ struct alignas(16) StepBuffer {
     u32 key_scales[STAGE_KEY_SCALES];
     float norms[STEP];
 };
+static_assert(sizeof(StepBuffer) % 128 == 0, "step buffers start on 128-byte lines");
 
 __device__ __forceinline__ u32 shared_address(const void* pointer) {
     u32 address;
@@ -707,7 +708,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
                      : nullptr;
     args.k_zeros = k_zeros + (i64)bh * args.groups * HEAD_DIM;
     args.first_token = first_token;
-    extern __shared__ StepBuffer step_buffers[];  // STAGES per warp
+    // STAGES per warp, 128-byte aligned: the copies of a warp fill whole 128-byte lines of shared memory (a base 16
+    // bytes off, as a static shared size of 11536 bytes gives, measured 5-9% slower)
+    extern __shared__ __align__(128) StepBuffer step_buffers[];
     StepBuffer* buffers = step_buffers + warp * STAGES;
 
     // rows of this block: float32 query rows, times softmax_scale * log2(e); zeros beyond `rows`

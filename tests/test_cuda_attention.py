@@ -268,6 +268,22 @@ def test_plan_sized_for_fewer_tokens_still_reads_everything(rng):
     assert relative_error(cupy.asnumpy(out), reference) <= TOLERANCE[BF16]
 
 
+def test_split_count_leaves_room_for_the_window_blocks():
+    """The split model: at least one step per warp, whole waves of packed blocks, and window blocks counted where they
+    would make packed blocks wait for a slot."""
+    from oscar_cupy.cuda_attention import _split_count
+
+    for units, steps in ((8, 128), (8, 1020), (64, 124), (512, 4092)):
+        for window_splits in (0, 1, 2):
+            assert 1 <= _split_count(units, 396, steps, window_splits) <= -(-steps // 4)
+    # batch 64 x 128k of 8 KV heads on 396 block slots: 3 splits in 4 waves (1536 of 1584 slots)
+    assert _split_count(512, 396, 4092, 0) == 3
+    # batch 8 x 4k: 6 splits fill one wave alone (384 blocks); with a window block per unit, 52 of them would wait for
+    # a window block's slot, so 5 (320 + 64 blocks in one wave)
+    assert _split_count(64, 396, 124, 0) == 6
+    assert _split_count(64, 396, 124, 1) == 5
+
+
 def test_inputs_untouched_and_clear_errors(rng):
     q, qkv, wk, wv, lengths = make_case(rng)
     gpu_qkv = to_gpu(qkv)

@@ -194,14 +194,15 @@ __device__ __forceinline__ u32 shared_address(const void* pointer) {
     return address;
 }
 
-// `words` (a multiple of 4) 16-byte aligned words from global memory to shared memory, over the warp's lanes: this lane
-// copies its 16-byte chunks lane, lane + 32, ... from `source` + `offset` bytes to shared address `target`, both already
-// advanced by the lane's 16 bytes (one 64-bit add per call)
+// `words` (a multiple of 4) 16-byte aligned words from global memory to shared memory, over the warp's lanes: this
+// lane copies its 16-byte chunks lane, lane + 32, ... from `source` + `offset` bytes to shared address `target`, both
+// already advanced by the lane's 16 bytes (one 64-bit add per call)
 __device__ __forceinline__ void copy_async(u32 target, const char* source, u32 offset, int words, int lane) {
     const char* from = source + offset;
 #pragma unroll
     for (int k = 0; 4 * (lane + WARP * k) < words; ++k)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(target + 16 * WARP * k), "l"(from + 16 * WARP * k));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
+                     :: "r"(target + 16 * WARP * k), "l"(from + 16 * WARP * k));
 }
 
 __device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;"); }
@@ -333,7 +334,8 @@ __device__ __forceinline__ float group_max(float x) {  // over the 8 lanes of on
 // of token tile mt is token tau(mt, r) = 8 (r % 8 / 2) + 4 mt + 2 (r / 8) + r % 2 of the step: lane (g, p) reads key
 // rows 8 (g / 2) + g % 2 + 2 t for t = 2 mt + {0, 1} (rows g and g + 8 of tile mt) and holds the logits of these tokens
 // for query rows 2p, 2p+1. Transposed (movmatrix), the probabilities of tile mt are the B fragment of P^T for the
-// value k-step mt with the lane's tokens 8p + 4 mt + {0, 1} (b0) and + {2, 3} (b1): the order the value codes are read in.
+// value k-step mt with the lane's tokens 8p + 4 mt + {0, 1} (b0) and + {2, 3} (b1): the order the value codes are read
+// in.
 __device__ __forceinline__ void packed_run(const PackedArgs& a, const SharedMemory& shared, StepBuffer* buffers,
                                            int steps, const int (&limit)[ROW_TILES][2], int warp_limit,
                                            int packed_end, int lane, RowState& state,
@@ -348,7 +350,8 @@ __device__ __forceinline__ void packed_run(const PackedArgs& a, const SharedMemo
     int stage = 0;                                     // the buffer of the current step
     const u32* my_q[ROW_TILES];
 #pragma unroll
-    for (int rt = 0; rt < ROW_TILES; ++rt) my_q[rt] = shared.q_code_pairs + (g + 8 * rt) * Q_ROW_STRIDE + p * Q_LANE_STRIDE;
+    for (int rt = 0; rt < ROW_TILES; ++rt)
+        my_q[rt] = shared.q_code_pairs + (g + 8 * rt) * Q_ROW_STRIDE + p * Q_LANE_STRIDE;
     u32 q_scaled[ROW_TILES][LANE_CHANNELS / 2];
     float bias_block[4], bias[ROW_TILES][2];
     int current_group = -1, block_start = -1;
@@ -397,8 +400,9 @@ __device__ __forceinline__ void packed_run(const PackedArgs& a, const SharedMemo
                     mma(sum, q_scaled[rt][n], q_scaled[rt][n + 1], q_scaled[rt][n + 2], q_scaled[rt][n + 3], ONE_PAIR,
                         ONE_PAIR);
                 // row g + 8 rt's bias (held by lane 4g + slot / 2), then rows 8 rt + 2p + e of this lane
-                const float row_bias = __shfl_sync(0xffffffffu, slot % 2 ? bias_block[2 * rt + 1] : bias_block[2 * rt], 4 * g + slot / 2) -
-                                       MAGIC_VALUE * (sum[0] + sum[2]);
+                const float block_bias = slot % 2 ? bias_block[2 * rt + 1] : bias_block[2 * rt];
+                const float row_bias =
+                    __shfl_sync(0xffffffffu, block_bias, 4 * g + slot / 2) - MAGIC_VALUE * (sum[0] + sum[2]);
                 bias[rt][0] = __shfl_sync(0xffffffffu, row_bias, 8 * p);
                 bias[rt][1] = __shfl_sync(0xffffffffu, row_bias, 8 * p + 4);
             }
@@ -415,7 +419,8 @@ __device__ __forceinline__ void packed_run(const PackedArgs& a, const SharedMemo
 #pragma unroll
             for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-                for (int rt = 0; rt < ROW_TILES; ++rt) st[rt][mt][0] = st[rt][mt][1] = st[rt][mt][2] = st[rt][mt][3] = 0.f;
+                for (int rt = 0; rt < ROW_TILES; ++rt)
+                    st[rt][mt][0] = st[rt][mt][1] = st[rt][mt][2] = st[rt][mt][3] = 0.f;
 #pragma unroll
                 for (int j = 0; j < KSTEPS; ++j) {
                     const int n0 = 2 * j, n1 = 2 * j + 1;
@@ -424,13 +429,14 @@ __device__ __forceinline__ void packed_run(const PackedArgs& a, const SharedMemo
                     const u32 a2 = code_pair(words[2 * mt][n1 / PAIRS_PER_WORD], n1 % PAIRS_PER_WORD, magic);
                     const u32 a3 = code_pair(words[2 * mt + 1][n1 / PAIRS_PER_WORD], n1 % PAIRS_PER_WORD, magic);
 #pragma unroll
-                    for (int rt = 0; rt < ROW_TILES; ++rt) mma(st[rt][mt], a0, a1, a2, a3, q_scaled[rt][n0], q_scaled[rt][n1]);
+                    for (int rt = 0; rt < ROW_TILES; ++rt)
+                        mma(st[rt][mt], a0, a1, a2, a3, q_scaled[rt][n0], q_scaled[rt][n1]);
                 }
             }
         }
 
-        // ---- logits[rt][t][e]: token key_token + 2t (t = 2 mt + half), query row 8 rt + 2p + e; times the token norms,
-        // masked where needed
+        // ---- logits[rt][t][e]: token key_token + 2t (t = 2 mt + half), query row 8 rt + 2p + e; times the token
+        // norms, masked where needed
         float logits[ROW_TILES][4][2];
         float norm[4];
 #pragma unroll
@@ -458,7 +464,8 @@ __device__ __forceinline__ void packed_run(const PackedArgs& a, const SharedMemo
         for (int rt = 0; rt < ROW_TILES; ++rt) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const float m = fmaxf(fmaxf(logits[rt][0][e], logits[rt][1][e]), fmaxf(logits[rt][2][e], logits[rt][3][e]));
+                const float m =
+                    fmaxf(fmaxf(logits[rt][0][e], logits[rt][1][e]), fmaxf(logits[rt][2][e], logits[rt][3][e]));
                 const float m_new = fmaxf(state.max[rt][e], group_max(m));
                 const float m_use = m_new == NEG_INF ? 0.f : m_new;
                 alpha[rt][e] = fast_exp2(state.max[rt][e] - m_use);

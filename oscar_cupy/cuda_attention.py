@@ -218,6 +218,8 @@ def _split_count(units: int, slots: int, steps: int, window_splits: int) -> int:
     for splits in range(1, max(1, -(-steps // WARPS)) + 1):
         duration = BLOCK_COST + STEP_COST * -(-steps // (splits * WARPS))
         wave, place = divmod(units * splits - 1, slots)  # the last packed block: its wave and slot
+        if (wave + 1) * BLOCK_COST >= best_time * 0.99:
+            break  # the waves only grow with more splits, and each costs BLOCK_COST at least
         release = (rounds + (place >= slots - late_slots)) * WINDOW_COST
         time = release + (wave + 1) * duration
         if time < best_time * 0.99:

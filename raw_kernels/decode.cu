@@ -84,30 +84,11 @@ __device__ __forceinline__ void load_words(u32 (&out)[N], const void* source) {
     }
 }
 
-// element `index` of scale values loaded as words
-template <int N>
-__device__ __forceinline__ scale_t scale_at(const u32 (&raw)[N], int index) {
-#if SCALE_DTYPE == DTYPE_F32
-    return __uint_as_float(raw[index]);
-#else
-    return (scale_t)(raw[index / 2] >> (16 * (index % 2)));
-#endif
-}
-
 // two floats as one operand pair (low half = lo)
 __device__ __forceinline__ u32 pack_pair(float lo, float hi) {
     u32 r;
     asm("cvt.rn." MMA_TYPE "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
-}
-
-// two stored scale values as one operand pair
-__device__ __forceinline__ u32 scale_pair(scale_t lo, scale_t hi) {
-#if SCALE_DTYPE == DTYPE_F32
-    return pack_pair(lo, hi);
-#else
-    return (u32)lo | ((u32)hi << 16);  // float16 scales with float16 operands, bfloat16 with bfloat16: same bits
-#endif
 }
 
 __device__ __forceinline__ u32 mul_pair(u32 a, u32 b) {

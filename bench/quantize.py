@@ -20,7 +20,7 @@ import cupy
 import numpy as np
 
 import oscar_cupy as oc
-from oscar_cupy import cuda_backend, kernels, layout
+from oscar_cupy import cuda_backend, layout
 
 
 def time_ms(function, repeats=50, warmup=5):
@@ -84,11 +84,7 @@ def rotation_row(batch, q_heads, kv_heads, context, head_dim):
     api = time_ms(lambda: oc.hadamard(q), repeats=200)  # through DLPack and the public function
     rows = cupy.from_dlpack(q.view(torch.int16)).view(q_dtype())
     out = cupy.empty_like(rows)
-    function = kernels.function(kernels.rotate_variant(head_dim, "bfloat16"), "hadamard_rows", 0)
-    count = batch * q_heads
-    grid = (-(-count // (cuda_backend.WARPS * (32 // min(32, head_dim)))),)
-    launch = lambda: function(grid, (cuda_backend.THREADS,),  # noqa: E731
-                              (rows, out, np.int64(count), cuda_backend.hadamard_normalization(head_dim)))
+    launch = lambda: cuda_backend.hadamard_last_axis(rows, out)  # noqa: E731
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         launch()

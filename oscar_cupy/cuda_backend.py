@@ -213,11 +213,12 @@ def dequantize(qkv, dtype):
     return keys, values
 
 
-def hadamard_last_axis(x):
-    """The Hadamard transform of contiguous cupy ``x`` along its last axis, as a new array of the same dtype."""
+def hadamard_last_axis(x, out=None):
+    """The Hadamard transform of contiguous cupy ``x`` along its last axis, into ``out`` (a contiguous array like ``x``;
+    default a new one), which it returns. With ``out`` given it allocates nothing (CUDA-graph capturable)."""
     size = x.shape[-1]
     rows = x.size // size if size else 0
-    out = cupy.empty_like(x)
+    out = cupy.empty_like(x) if out is None else out
     if rows:
         function = kernels.function(kernels.rotate_variant(size, dtype_name(x.dtype)), "hadamard_rows", x.device.id)
         rows_per_block = WARPS * (32 // min(32, size))  # a row spans min(32, size) lanes

@@ -45,6 +45,8 @@ def generate(model, cache: OscarCache, input_ids: torch.Tensor, attention_mask: 
     if cache.get_seq_length():
         raise ValueError("generate needs an empty cache (a new one from enable_oscar, or cache.reset())")
     device = input_ids.device
+    if device.type != "cuda":  # checked before the prefill: the decode steps replay a CUDA graph
+        raise ValueError(f"generate runs on one CUDA device, got input_ids on {device}")
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # each sequence from its first token, as generate does
     end = torch.as_tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long, device=device).view(-1)

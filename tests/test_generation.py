@@ -51,8 +51,11 @@ def test_generate_refuses_bad_arguments_and_needs_a_gpu():
             generate(model, cache, prompt, **kwargs)
     with pytest.raises(ValueError, match=r"input_ids must be \(batch, prompt\)"):
         generate(model, cache, prompt[0])
-    with pytest.raises(ValueError, match="one CUDA device, got cpu"):  # after the prefill, the graph needs CUDA
+    with pytest.raises(ValueError, match="one CUDA device, got input_ids on cpu"):  # before any prefill
         generate(model, cache, prompt)
+    assert cache.get_seq_length() == 0
+    with torch.no_grad():
+        model(prompt, past_key_values=cache)
     with pytest.raises(ValueError, match="empty cache"):  # the prefill above filled it
         generate(model, cache, prompt)
     disable_oscar(model)

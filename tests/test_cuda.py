@@ -131,6 +131,11 @@ def test_hadamard_equals_cpu(rng, size, dtype):
     np.testing.assert_array_equal(cupy.asnumpy(result).view(np.uint8), oc.hadamard(x).view(np.uint8))
     y = rng.standard_normal((size, 3)).astype(dtype)
     np.testing.assert_array_equal(cupy.asnumpy(oc.hadamard(cupy.asarray(y), axis=0)), oc.hadamard(y, axis=0))
+    x_gpu = cupy.asarray(x)
+    out = cupy.empty_like(x_gpu)  # into a given output (the capturable form), poisoned: the same bits
+    out.view(cupy.uint8).fill(0xFF)
+    assert cuda_backend.hadamard_last_axis(x_gpu, out) is out
+    np.testing.assert_array_equal(cupy.asnumpy(out).view(np.uint8), oc.hadamard(x).view(np.uint8))
 
 
 def test_refusals(rng):

@@ -1,7 +1,7 @@
 """The CUDA decode attention over a packed cache and a full-precision window (``raw_kernels/decode.cu``).
 
-Two launches per call: ``decode_partial`` (split-KV: each block reads one split of one sequence's packed tokens, or one
-chunk of its window, for up to 16 query rows of one KV head, and writes an unnormalized partial output with its
+Two launches per call: ``decode_partial`` (split-KV: each block reads one split of one sequence's packed tokens, or
+window splits of 32 tokens, for up to 16 query rows of one KV head, and writes unnormalized partial outputs with their
 log-sum-exp statistics) and ``decode_combine`` (merges the splits exactly, rotates the packed part back, adds the window
 part). Nothing dequantized is ever written to memory.
 
@@ -31,7 +31,7 @@ from oscar_cupy.cuda_backend import dtype_name, hadamard_normalization
 THREADS = 128
 WARPS = THREADS // 32
 STEP = 32  # packed tokens per warp step
-WINDOW_CHUNK = 128  # window tokens per window split (WINDOW_CHUNK of decode.cu)
+WINDOW_SPLIT = 32  # window tokens per window split (WINDOW_SPLIT of decode.cu)
 MAX_ROW_TILES = 2
 FUNC_SHARED_SIZE_BYTES, FUNC_NUM_REGS = 1, 4  # CUfunction_attribute
 
@@ -87,11 +87,16 @@ class DecodePlan:
             self._combine = kernels.function(variant, "decode_combine", self.device_id)
         steps = -(-max_packed // STEP)
         units = batch * kv_heads * self.row_blocks
-        self.window_splits = -(-max_window // WINDOW_CHUNK)
-        wanted = _split_count(units, slots, steps, self.window_splits) if steps else 0
+        self.window_splits = -(-max_window // WINDOW_SPLIT)
+        window_blocks = -(-self.window_splits // WARPS)  # per unit, each warp taking a split of its own
+        wanted = _split_count(units, slots, steps, window_blocks) if steps else 0
         self.split_steps = -(-steps // wanted) if steps else 1
         self.packed_splits = -(-steps // self.split_steps) if steps else 0
         self.splits = self.packed_splits + self.window_splits
+        # when all blocks fit on the GPU at once even with a window block per window split, the launch lasts as long as
+        # its longest block: the warps of a window block then share one split and split its query rows (decode.cu)
+        self.window_split_rows = units * self.splits <= slots
+        self.window_blocks = self.window_splits if self.window_split_rows else window_blocks
         with cupy.cuda.Device(self.device_id):
             partial_rows = units * self.splits * rows_per_block
             self.partial_o = cupy.empty((partial_rows, head_dim), dtype=cupy.float32)
@@ -131,22 +136,22 @@ class DecodePlan:
         normalization = hadamard_normalization(self.head_dim)
         if self.splits:
             self._partial(
-                (self.splits, self.batch * self.kv_heads, self.row_blocks), (THREADS,),
+                (self.packed_splits + self.window_blocks, self.batch * self.kv_heads, self.row_blocks), (THREADS,),
                 (q, *q_strides, arrays["k_codes"], arrays["k_scales"], arrays["k_zeros"], arrays["v_codes"],
                  arrays["v_scales"], arrays["v_zeros"], norms if norms is not None else np.uint64(0),
                  np.int32(0 if norms is None else norms.shape[1]), packed_lengths, np.int32(capacity),
                  *window_args, window_lengths if window_lengths is not None else np.uint64(0),
                  np.int32(self.kv_heads), np.int32(self.q_len), np.int32(self.rows), np.int32(config.key_group),
                  np.int32(self.packed_splits), np.int32(self.split_steps), np.int32(self.window_splits),
-                 rotate, normalization, scale_log2, self.partial_o, self.partial_ml),
+                 np.int32(self.window_split_rows), rotate, normalization, scale_log2, self.partial_o, self.partial_ml),
                 shared_mem=self.shared_bytes,
             )
         total_rows = self.batch * self.kv_heads * self.rows
         self._combine(
-            (-(-total_rows // WARPS),), (THREADS,),
+            (total_rows,), (THREADS,),
             (self.partial_o, self.partial_ml, np.int32(self.packed_splits), np.int32(self.splits),
              np.int32(self.kv_heads), np.int32(self.q_len), np.int32(self.rows), np.int32(self.row_blocks),
-             np.int64(total_rows), np.int32(rotate and config.rotate_values), normalization, out, self.lse),
+             np.int32(rotate and config.rotate_values), normalization, out, self.lse),
         )
         return out, self.lse
 
@@ -154,7 +159,7 @@ class DecodePlan:
 class PlanCache:
     """The plans of one cache's decode steps, reused from step to step: a plan is made again only when the query shape,
     dtype or scale changes, when the longest packed sequence changes (once per flush block) or when the window needs
-    another split (:attr:`WINDOW_CHUNK` tokens each). A decode step therefore allocates and queries nothing.
+    another split (``WINDOW_SPLIT`` tokens each). A decode step therefore allocates and queries nothing.
 
     Args:
         config: the cache's :class:`QuantConfig`.
@@ -169,14 +174,14 @@ class PlanCache:
     def plan(self, q, max_packed: int, max_window: int, scale) -> DecodePlan:
         """A plan for cupy queries ``q`` ``(batch, q_heads, q_len, head_dim)`` over at most ``max_packed`` packed and
         ``max_window`` window tokens per sequence."""
-        window_splits = -(-max_window // WINDOW_CHUNK)
+        window_splits = -(-max_window // WINDOW_SPLIT)
         key = (*q.shape, q.dtype, scale, window_splits)
         plan = self._plans.get(key)
         if plan is None or plan.max_packed != max_packed:
             batch, q_heads, q_len, head_dim = q.shape
             plan = DecodePlan(self.config, batch=batch, q_heads=q_heads, kv_heads=self.kv_heads, q_len=q_len,
                               head_dim=head_dim, dtype=q.dtype, max_packed=max_packed,
-                              max_window=window_splits * WINDOW_CHUNK, device_id=self.device_id, scale=scale)
+                              max_window=window_splits * WINDOW_SPLIT, device_id=self.device_id, scale=scale)
             self._plans[key] = plan
         return plan
 
@@ -197,23 +202,22 @@ def _resident_blocks(function_ptr: int, shared_bytes: int, device_id: int) -> in
 
 # relative durations of the blocks of one launch on a full GPU, fitted to H100 measurements: a packed block costs
 # BLOCK_COST (query prologue, block merge, partial result) plus STEP_COST per 32-token step of each of its warps, a
-# window block WINDOW_COST
+# window block (a 32-token split per warp) WINDOW_COST
 STEP_COST, BLOCK_COST, WINDOW_COST = 1.0, 3.0, 10.0
 
 
-def _split_count(units: int, slots: int, steps: int, window_splits: int) -> int:
+def _split_count(units: int, slots: int, steps: int, window_blocks: int) -> int:
     """Packed splits per (sequence, KV head, row block): the count with the shortest estimated launch (the fewest
     among those within 1%), at least one 32-token step per warp.
 
-    ``units`` (sequence, KV head, row block) triples of ``steps`` packed steps and ``window_splits`` window blocks each;
+    ``units`` (sequence, KV head, row block) triples of ``steps`` packed steps and ``window_blocks`` window blocks each;
     ``slots`` blocks fit on the GPU at once and each block takes a slot as one frees up. Estimate: the window blocks
     take slots first (``WINDOW_COST`` each; they come after their unit's packed blocks in the grid, but are short), the
     packed blocks (``BLOCK_COST`` plus ``STEP_COST`` per step of a warp) take the others, then each slot as it frees
     up; the launch ends with its last packed block. More splits shorten the packed blocks but add their fixed part; a
     last wave of a few blocks costs a whole block.
     """
-    window_blocks = units * window_splits
-    rounds, late_slots = divmod(window_blocks, slots)  # window rounds; slots that hold one window block more
+    rounds, late_slots = divmod(units * window_blocks, slots)  # window rounds; slots that hold one window block more
     best, best_time = 1, math.inf
     for splits in range(1, max(1, -(-steps // WARPS)) + 1):
         duration = BLOCK_COST + STEP_COST * -(-steps // (splits * WARPS))

@@ -84,6 +84,26 @@ __device__ __forceinline__ void load_words(u32 (&out)[N], const void* source) {
     }
 }
 
+// N consecutive 32-bit words from registers to 4 * N-byte aligned global memory
+template <int N>
+__device__ __forceinline__ void store_words(void* target, const u32 (&in)[N]) {
+    if constexpr (N % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < N / 4; ++i) {
+            Vec4 v;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) v.w[k] = in[4 * i + k];
+            reinterpret_cast<Vec4*>(target)[i] = v;
+        }
+    } else {
+        static_assert(N == 2, "store_words takes 2 or a multiple of 4 words");
+        Vec2 v;
+        v.w[0] = in[0];
+        v.w[1] = in[1];
+        *reinterpret_cast<Vec2*>(target) = v;
+    }
+}
+
 // two floats as one operand pair (low half = lo)
 __device__ __forceinline__ u32 pack_pair(float lo, float hi) {
     u32 r;
@@ -217,13 +237,8 @@ struct SharedMemory {
         float q[RPB][HEAD_DIM];              // query rows, float32 (staging; the window path reads them)
         float o[RPB][HEAD_DIM];              // then the merge of the warps' outputs
     };
-    union {
-        struct {
-            u32 q_pairs[RPB * Q_ROW_STRIDE];       // packed path: rotated scaled query rows as operand pairs
-            u32 q_code_pairs[RPB * Q_ROW_STRIDE];  // the same times each channel's code factor
-        };
-        float probs[WARPS][RPB * WARP];      // window path: a warp's probabilities of 32 tokens
-    };
+    u32 q_pairs[RPB * Q_ROW_STRIDE];       // packed path: rotated scaled query rows as operand pairs
+    u32 q_code_pairs[RPB * Q_ROW_STRIDE];  // the same times each channel's code factor
     float row_max[WARPS][RPB], row_sum[WARPS][RPB];
 };
 
@@ -284,6 +299,25 @@ __device__ __forceinline__ void stage_step(u32 buffer, const PackedArgs& a, int 
     commit_copies();
 }
 
+__device__ __forceinline__ void prefetch_l2(const void* address) {
+    asm volatile("prefetch.global.L2 [%0];" :: "l"(address));
+}
+
+// the copies of the first STAGES - 1 steps of a warp's run (packed_run issues the others), and the key zeros of its
+// first bias block into L2: issued before the query prologue, so that they are in flight while it runs
+__device__ __forceinline__ void start_copies(StepBuffer* buffers, const PackedArgs& a, int steps, int lane) {
+    const u32 buffer0 = shared_address(buffers) + 16 * lane;
+#pragma unroll
+    for (int step = 0; step < STAGES - 1; ++step)
+        stage_step(buffer0 + step * (u32)sizeof(StepBuffer), a, step, steps, lane);
+    if (steps > 0) {
+        const int group = a.first_token >> a.key_group_shift;
+        const int bytes = min(8, a.groups - group) * HEAD_DIM * (int)sizeof(scale_t);
+        const char* zeros = reinterpret_cast<const char*>(a.k_zeros + group * HEAD_DIM);
+        for (int offset = 128 * lane; offset < bytes; offset += 128 * WARP) prefetch_l2(zeros + offset);
+    }
+}
+
 // a pair of 16-bit scale values from words holding them in order: elements `lo` and `hi`
 template <int N>
 __device__ __forceinline__ u32 scale_pair_at(const u32 (&raw)[N], int lo, int hi) {
@@ -325,8 +359,6 @@ __device__ __forceinline__ void packed_run(const PackedArgs& a, const SharedMemo
     const int p = lane % 4, g = lane / 4;
     const u32 buffer0 = shared_address(buffers) + 16 * lane, magic = magic_register();  // the lane's copy targets
     constexpr u32 STAGE_BYTES = (u32)sizeof(StepBuffer);
-#pragma unroll
-    for (int step = 0; step < STAGES - 1; ++step) stage_step(buffer0 + step * STAGE_BYTES, a, step, steps, lane);
     u32 fill = buffer0 + (STAGES - 1) * STAGE_BYTES;  // the buffer the next copies go to
     int stage = 0;                                     // the buffer of the current step
     const u32* my_q[ROW_TILES];
@@ -560,21 +592,56 @@ __device__ __forceinline__ void packed_run(const PackedArgs& a, const SharedMemo
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// window path: full-precision keys and values on CUDA cores. A warp takes 32 window tokens at a time, a lane per token
-// for the logits of all rows, then a lane per channel group for the output: o[r][e] is row r, channel lane * E + e.
+// window path: full-precision keys and values on CUDA cores. A window split is 32 window tokens; a warp takes one
+// split for some of the block's query rows: a lane per token for the logits, then a lane per LANE_ELEMENTS channels
+// for the output. Two ways to lay a window block's warps out (window_split_rows):
+//   * 0: each warp takes its own split (WARPS consecutive splits per block) for all of the block's rows: each token is
+//     read once per block (many window blocks: throughput);
+//   * 1: the warps share one split and split its rows (warp w: rows w, w + WARPS, ...): a warp's work is a quarter of
+//     that (few window blocks, which would otherwise be the launch's critical path: latency).
+// A warp's (split, rows) are its own, so it writes their partial results itself (no merge with the other warps).
 
 #define LANE_ELEMENTS (HEAD_DIM / WARP)
-#define WINDOW_CHUNK (WARPS * WARP)  // window tokens per window split
+#define WINDOW_SPLIT 32  // window tokens per window split
 
-__device__ void window_run(const SharedMemory& shared, float* probs, const in_t* keys, i64 key_stride,
-                           const in_t* values, i64 value_stride, i64 first, i64 stop, const i64 (&end)[RPB],
-                           float scale_log2, int lane, float (&m)[RPB], float (&l)[RPB],
-                           float (&o)[RPB][LANE_ELEMENTS]) {
-    for (i64 start = first; start < stop; start += WINDOW_CHUNK) {
-        const i64 j = start + lane;  // this lane's token for the logits
-        float logit[RPB];
+// the 128-byte lines of one window row into L2 (its last byte too: a row need not start on a line)
+__device__ __forceinline__ void prefetch_row(const in_t* row) {
+    const char* bytes = reinterpret_cast<const char*>(row);
 #pragma unroll
-        for (int r = 0; r < RPB; ++r) logit[r] = 0.f;
+    for (int offset = 0; offset < HEAD_DIM * (int)sizeof(in_t); offset += 128) prefetch_l2(bytes + offset);
+    prefetch_l2(bytes + HEAD_DIM * sizeof(in_t) - 1);
+}
+
+// Query rows first_row + row_step k (k < NR, of which the first `count` are written) over the window tokens
+// [start, stop), 32 at a time (more than 32 only in the last split of a window longer than the plan's); local row r
+// (query position r % q_len of block row r + row_offset, the last one for padding rows beyond `rows`) sees the window
+// tokens below visible + its position. Writes partial rows `slot` + row. Not inlined: in the kernel's body, its
+// registers change how ptxas allocates the packed loop's (see DECODE_REGISTERS in oscar_cupy/kernels.py).
+template <int NR>
+__device__ __noinline__ void window_rows(const SharedMemory& shared, int first_row, int row_step, int count,
+                                         const in_t* keys, i64 key_stride, const in_t* values, i64 value_stride,
+                                         i64 start, i64 stop, i64 visible, int row_offset, int rows, int q_len,
+                                         float scale_log2, int lane, i64 slot, float* __restrict__ partial_o,
+                                         float2* __restrict__ partial_ml) {
+    i64 end[NR];  // window tokens visible to row k
+#pragma unroll
+    for (int k = 0; k < NR; ++k) {
+        const int r = row_offset + first_row + row_step * k;
+        end[k] = min(stop, visible + (r < rows ? r % q_len : q_len - 1));
+    }
+    float o[NR][LANE_ELEMENTS], m[NR], l[NR];
+#pragma unroll
+    for (int k = 0; k < NR; ++k) {
+        m[k] = NEG_INF;
+        l[k] = 0.f;
+#pragma unroll
+        for (int e = 0; e < LANE_ELEMENTS; ++e) o[k][e] = 0.f;
+    }
+    for (i64 first = start; first < stop; first += WARP) {
+        const i64 j = first + lane;  // this lane's token for the logits
+        float logit[NR];
+#pragma unroll
+        for (int k = 0; k < NR; ++k) logit[k] = 0.f;
         if (j < stop) {
 #pragma unroll 4
             for (int c = 0; c < HEAD_DIM; c += 8) {
@@ -584,38 +651,52 @@ __device__ void window_run(const SharedMemory& shared, float* probs, const in_t*
                 for (int e = 0; e < 8; ++e) {
                     const float key = in_to_f32((in_t)(raw[e / 2] >> (16 * (e % 2))));
 #pragma unroll
-                    for (int r = 0; r < RPB; ++r) logit[r] = fmaf(shared.q[r][c + e], key, logit[r]);
+                    for (int k = 0; k < NR; ++k)
+                        logit[k] = fmaf(shared.q[first_row + row_step * k][c + e], key, logit[k]);
                 }
             }
         }
+        float weight[NR];
 #pragma unroll
-        for (int r = 0; r < RPB; ++r) {
-            const float x = j < end[r] ? logit[r] * scale_log2 : NEG_INF;
+        for (int k = 0; k < NR; ++k) {
+            const float x = j < end[k] ? logit[k] * scale_log2 : NEG_INF;
             float mx = x;
 #pragma unroll
             for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-            const float m_new = fmaxf(m[r], mx), m_use = m_new == NEG_INF ? 0.f : m_new;
-            const float alpha = fast_exp2(m[r] - m_use), weight = fast_exp2(x - m_use);
-            l[r] = l[r] * alpha + weight;
-            m[r] = m_new;
+            const float m_new = fmaxf(m[k], mx), m_use = m_new == NEG_INF ? 0.f : m_new;
+            const float alpha = fast_exp2(m[k] - m_use);
+            weight[k] = fast_exp2(x - m_use);
+            l[k] = l[k] * alpha + weight[k];
+            m[k] = m_new;
 #pragma unroll
-            for (int e = 0; e < LANE_ELEMENTS; ++e) o[r][e] *= alpha;
-            probs[r * WARP + lane] = weight;
+            for (int e = 0; e < LANE_ELEMENTS; ++e) o[k][e] *= alpha;
         }
-        __syncwarp();
-        const int count = (int)min((i64)WARP, stop - start);  // tokens that exist (the rest may hold anything)
+        const int tokens = (int)min((i64)WARP, stop - first);  // tokens that exist (the rest may hold anything)
 #pragma unroll 8
-        for (int t = 0; t < count; ++t) {
+        for (int t = 0; t < tokens; ++t) {
             u32 raw[LANE_ELEMENTS / 2];
-            load_words(raw, values + (start + t) * value_stride + lane * LANE_ELEMENTS);
+            load_words(raw, values + (first + t) * value_stride + lane * LANE_ELEMENTS);
+            float p[NR];
+#pragma unroll
+            for (int k = 0; k < NR; ++k) p[k] = __shfl_sync(0xffffffffu, weight[k], t);
 #pragma unroll
             for (int e = 0; e < LANE_ELEMENTS; ++e) {
                 const float value = in_to_f32((in_t)(raw[e / 2] >> (16 * (e % 2))));
 #pragma unroll
-                for (int r = 0; r < RPB; ++r) o[r][e] = fmaf(probs[r * WARP + t], value, o[r][e]);
+                for (int k = 0; k < NR; ++k) o[k][e] = fmaf(p[k], value, o[k][e]);
             }
         }
-        __syncwarp();
+    }
+#pragma unroll
+    for (int k = 0; k < NR; ++k) {
+        if (k >= count) break;
+        const i64 row = slot + first_row + row_step * k;
+        u32 words[LANE_ELEMENTS];
+#pragma unroll
+        for (int e = 0; e < LANE_ELEMENTS; ++e) words[e] = __float_as_uint(o[k][e]);
+        store_words(partial_o + row * HEAD_DIM + lane * LANE_ELEMENTS, words);
+        const float sum = row_sum(l[k], WARP);
+        if (lane == 0) partial_ml[row] = make_float2(m[k], sum);
     }
 }
 
@@ -651,11 +732,14 @@ __device__ __forceinline__ void merge_and_store(SharedMemory& shared, int warp, 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Grid (packed_splits + window_splits, B * kv_heads, row blocks), THREADS threads. Packed split s covers tokens
+// Grid (packed_splits + window blocks, B * kv_heads, row blocks), THREADS threads. Packed split s covers tokens
 // [s * split_steps * 32, (s + 1) * split_steps * 32) of each sequence's packed part (the last one: to its end); window
-// split s covers window tokens [s * 128, (s + 1) * 128) (the last one: to the end). Each block writes RPB partial rows:
+// split s covers window tokens [32 s, 32 s + 32) (the last one: to the end), window_splits of them, in window_splits
+// (window_split_rows) or ceil(window_splits / WARPS) window blocks. Partial rows of split s (s = packed_splits + window
+// split for the window):
 // partial_o (unnormalized float32, rotated basis for packed splits) and partial_ml (base-2 max, sum), at
-// ((bh * row_blocks + rb) * splits + split) * RPB + row.
+// ((bh * row_blocks + rb) * (packed_splits + window_splits) + s) * RPB + row; packed blocks write all RPB rows, window
+// blocks those below `rows`.
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial(
     const in_t* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_sl,
     const u32* __restrict__ k_codes, const scale_t* __restrict__ k_scales, const scale_t* __restrict__ k_zeros,
@@ -664,7 +748,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
     const in_t* __restrict__ window_k, i64 wk_sb, i64 wk_sh, i64 wk_st,
     const in_t* __restrict__ window_v, i64 wv_sb, i64 wv_sh, i64 wv_st, const i64* __restrict__ window_lengths,
     int kv_heads, int q_len, int rows, int key_group, int packed_splits, int split_steps, int window_splits,
-    int rotate, float hadamard_normalization, float scale_log2, float* __restrict__ partial_o,
+    int window_split_rows, int rotate, float hadamard_normalization, float scale_log2, float* __restrict__ partial_o,
     float2* __restrict__ partial_ml) {
     __shared__ SharedMemory shared;
     const int split = blockIdx.x, bh = blockIdx.y, rb = blockIdx.z;
@@ -700,6 +784,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
     // bytes off, as a static shared size of 11536 bytes gives, measured 5-9% slower)
     extern __shared__ __align__(128) StepBuffer step_buffers[];
     StepBuffer* buffers = step_buffers + warp * STAGES;
+    // window block wb: splits wb * WARPS + warp (window_split_rows 0) or wb (1), 32 window tokens each
+    const int wb = split - packed_splits;
+    const int window_split = window_split_rows ? wb : wb * WARPS + warp;
+    const i64 block_start = (i64)(window_split_rows ? wb : wb * WARPS) * WINDOW_SPLIT;
+    const i64 block_stop = min(windowed, block_start + (window_split_rows ? 1 : WARPS) * WINDOW_SPLIT);
+    const in_t* window_keys = window_k + b * wk_sb + h * wk_sh;
+    const in_t* window_values = window_v + b * wv_sb + h * wv_sh;
+    if (packed_part) {
+        start_copies(buffers, args, my_steps, lane);
+    } else {  // the block's window rows on their way to L2 while the query rows are staged
+        for (i64 j = block_start + threadIdx.x; j < block_stop; j += THREADS) {
+            prefetch_row(window_keys + j * wk_st);
+            prefetch_row(window_values + j * wv_st);
+        }
+    }
 
     // rows of this block: float32 query rows, times softmax_scale * log2(e); zeros beyond `rows`
     for (int i = threadIdx.x; i < RPB * HEAD_DIM; i += THREADS) {
@@ -717,40 +816,25 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
     const i64 block = ((i64)bh * gridDim.z + rb) * splits + split;
 
     if (!packed_part) {
-        const int ws = split - packed_splits;
-        const i64 start = (i64)ws * WINDOW_CHUNK;
-        const i64 stop = ws == window_splits - 1 ? windowed : min(windowed, start + WINDOW_CHUNK);
-        float o[RPB][LANE_ELEMENTS], m[RPB], l[RPB];
-        i64 end[RPB];
-#pragma unroll
-        for (int r = 0; r < RPB; ++r) {
-            m[r] = NEG_INF;
-            l[r] = 0.f;
-            end[r] = min(stop, row_end(r) - packed);  // window tokens below this are visible to row r
-#pragma unroll
-            for (int e = 0; e < LANE_ELEMENTS; ++e) o[r][e] = 0.f;
-        }
-        window_run(shared, shared.probs[warp], window_k + b * wk_sb + h * wk_sh, wk_st, window_v + b * wv_sb + h * wv_sh,
-                   wv_st, start + warp * WARP, stop, end, scale_log2, lane, m, l, o);
-#pragma unroll
-        for (int r = 0; r < RPB; ++r) {
-            const float sum = row_sum(l[r], WARP);
-            if (lane == 0) {
-                shared.row_max[warp][r] = m[r];
-                shared.row_sum[warp][r] = sum;
-            }
-        }
-        merge_and_store(shared, warp, block, [&](int w, auto factor) {
-#pragma unroll
-            for (int r = 0; r < RPB; ++r) {
-                const float f = factor(w, r);
-#pragma unroll
-                for (int e = 0; e < LANE_ELEMENTS; ++e) {
-                    float* cell = &shared.o[r][lane * LANE_ELEMENTS + e];
-                    *cell = w == 0 ? o[r][e] * f : *cell + o[r][e] * f;
-                }
-            }
-        }, partial_o, partial_ml);
+        const int block_rows = min(RPB, rows - rb * RPB);
+        const int first_row = window_split_rows ? warp : 0, row_step = window_split_rows ? WARPS : 1;
+        const int count = window_split_rows ? (block_rows - warp + WARPS - 1) / WARPS : block_rows;
+        if (window_split >= window_splits || count <= 0) return;
+        const i64 start = (i64)window_split * WINDOW_SPLIT;
+        const i64 stop = window_split == window_splits - 1 ? windowed : min(windowed, start + WINDOW_SPLIT);
+        const i64 slot = (((i64)bh * gridDim.z + rb) * splits + packed_splits + window_split) * RPB;
+        // the warp's rows, rounded up to 1, 2, 4, 8 or 16 (the extra rows are zero queries, not written)
+#define WINDOW_ROWS(NR)                                                                                              \
+    window_rows<NR>(shared, first_row, row_step, count, window_keys, wk_st, window_values, wv_st, start, stop,      \
+                    windowed - q_len + 1, rb * RPB, rows, q_len, scale_log2, lane, slot, partial_o, partial_ml)
+        if (count == 1) WINDOW_ROWS(1);
+        else if (count == 2) WINDOW_ROWS(2);
+        else if (count <= 4) WINDOW_ROWS(4);
+        else if (count <= 8) WINDOW_ROWS(8);
+#if RPB > 8
+        else WINDOW_ROWS(16);
+#endif
+#undef WINDOW_ROWS
         return;
     }
 
@@ -848,16 +932,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Grid ceil(B * kv_heads * rows / WARPS), THREADS threads: a warp merges the splits of one query row, rotates the packed
-// part back (unrotate), adds the window part, normalizes and writes out (B, q_heads, q_len, D) contiguous in the
-// query dtype and lse (B, q_heads, q_len) float32 (natural log; -inf and a zero row where nothing is visible).
+// Grid B * kv_heads * rows, THREADS threads: a block merges the splits of one query row (warp w adds splits w,
+// w + WARPS, ..., all of its loads in flight at once; warp 0 adds the warps' sums in a fixed order), rotates the packed
+// part back (unrotate), adds the window part, normalizes and writes out (B, q_heads, q_len, D) contiguous in the query
+// dtype and lse (B, q_heads, q_len) float32 (natural log; -inf and a zero row where nothing is visible).
 extern "C" __global__ void __launch_bounds__(THREADS) decode_combine(
     const float* __restrict__ partial_o, const float2* __restrict__ partial_ml, int packed_splits, int splits,
-    int kv_heads, int q_len, int rows, int row_blocks, i64 total_rows, int unrotate, float hadamard_normalization,
+    int kv_heads, int q_len, int rows, int row_blocks, int unrotate, float hadamard_normalization,
     in_t* __restrict__ out, float* __restrict__ lse) {
-    const int lane = threadIdx.x % WARP;
-    const i64 index = (i64)blockIdx.x * WARPS + threadIdx.x / WARP;
-    if (index >= total_rows) return;
+    __shared__ float parts[2][WARPS][HEAD_DIM];  // packed and window sums of each warp
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const i64 index = blockIdx.x;
     const i64 bh = index / rows;
     const int r = (int)(index % rows), rb = r / RPB;
     const i64 first = ((bh * row_blocks + rb) * splits) * RPB + r % RPB;  // row of split 0; split s at + s * RPB
@@ -866,37 +951,51 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_combine(
     for (int s = lane; s < splits; s += WARP) m = fmaxf(m, partial_ml[first + (i64)s * RPB].x);
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-    float sum = 0.f;
-    for (int s = lane; s < splits; s += WARP) {
-        const float2 ml = partial_ml[first + (i64)s * RPB];
-        if (ml.x != NEG_INF) sum += ml.y * fast_exp2(ml.x - m);
-    }
-    sum = row_sum(sum, WARP);
 
     float packed[LANE_ELEMENTS], window[LANE_ELEMENTS];
 #pragma unroll
     for (int e = 0; e < LANE_ELEMENTS; ++e) packed[e] = window[e] = 0.f;
-    // 32 splits at a time: lane s computes split s's factor, then every lane adds the 32 partial rows of its channels
-    // (independent loads, many in flight)
+    float sum = 0.f;
+    // 32 splits at a time: lane k holds split base + k's factor (and adds its sum), the warps add their partial rows
     for (int base = 0; base < splits; base += WARP) {
         float factor = 0.f;
         if (base + lane < splits) {
-            const float split_max = partial_ml[first + (i64)(base + lane) * RPB].x;
-            factor = split_max == NEG_INF ? 0.f : fast_exp2(split_max - m);
+            const float2 ml = partial_ml[first + (i64)(base + lane) * RPB];
+            factor = ml.x == NEG_INF ? 0.f : fast_exp2(ml.x - m);
+            sum += ml.y * factor;
         }
         const int count = min(WARP, splits - base);
 #pragma unroll 8
-        for (int k = 0; k < count; ++k) {
+        for (int k = warp; k < count; k += WARPS) {
             const float f = __shfl_sync(0xffffffffu, factor, k);
             const int s = base + k;
-            const float* o = partial_o + (first + (i64)s * RPB) * HEAD_DIM + lane * LANE_ELEMENTS;
+            u32 o[LANE_ELEMENTS];
+            load_words(o, partial_o + (first + (i64)s * RPB) * HEAD_DIM + lane * LANE_ELEMENTS);
 #pragma unroll
             for (int e = 0; e < LANE_ELEMENTS; ++e) {
-                if (s < packed_splits) packed[e] = fmaf(o[e], f, packed[e]);
-                else window[e] = fmaf(o[e], f, window[e]);
+                if (s < packed_splits) packed[e] = fmaf(__uint_as_float(o[e]), f, packed[e]);
+                else window[e] = fmaf(__uint_as_float(o[e]), f, window[e]);
             }
         }
     }
+    if (warp > 0) {
+#pragma unroll
+        for (int e = 0; e < LANE_ELEMENTS; ++e) {
+            parts[0][warp][lane * LANE_ELEMENTS + e] = packed[e];
+            parts[1][warp][lane * LANE_ELEMENTS + e] = window[e];
+        }
+    }
+    __syncthreads();
+    if (warp > 0) return;
+#pragma unroll
+    for (int w = 1; w < WARPS; ++w) {
+#pragma unroll
+        for (int e = 0; e < LANE_ELEMENTS; ++e) {
+            packed[e] += parts[0][w][lane * LANE_ELEMENTS + e];
+            window[e] += parts[1][w][lane * LANE_ELEMENTS + e];
+        }
+    }
+    sum = row_sum(sum, WARP);
     if (unrotate) fwht_row<HEAD_DIM, LANE_ELEMENTS>(packed, lane, hadamard_normalization);
     const float inverse = sum > 0.f ? 1.f / sum : 0.f;
     const int group_size = rows / q_len;

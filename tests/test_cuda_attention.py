@@ -268,6 +268,27 @@ def test_plan_sized_for_fewer_tokens_still_reads_everything(rng):
     assert relative_error(cupy.asnumpy(out), reference) <= TOLERANCE[BF16]
 
 
+@pytest.mark.parametrize("split_rows", [False, True])
+@pytest.mark.parametrize("group,q_len,head_dim", [(3, 1, 64), (4, 2, 128), (16, 1, 128), (8, 2, 256)])
+def test_both_window_block_layouts(rng, split_rows, group, q_len, head_dim):
+    """A window block's warps take a 32-token split each for all rows, or share one split and split its rows (the plan
+    picks by the launch size; here forced both ways): the same attention, windows of 1 to 2.5 splits, and windows longer
+    than the plan's (the last split runs to the end)."""
+    q, qkv, wk, wv, lengths = make_case(rng, group=group, q_len=q_len, head_dim=head_dim, packed=(200, 96),
+                                        window=(80, 1))
+    reference = oc.decode_attention(q, qkv, wk, wv, lengths=lengths)
+    for max_window in (96, 32):
+        plan = DecodePlan(qkv.config, batch=2, q_heads=2 * group, kv_heads=2, q_len=q_len, head_dim=head_dim,
+                          dtype=BF16, max_packed=200, max_window=max_window)
+        plan.window_split_rows = split_rows
+        plan.window_blocks = plan.window_splits if split_rows else -(-plan.window_splits // 4)
+        poison_memory_pool()
+        plan.partial_o.fill(cupy.nan)
+        out, _ = plan.run(cupy.asarray(q), to_gpu(qkv).arrays(), cupy.asarray(qkv.lengths), cupy.asarray(wk),
+                          cupy.asarray(wv), cupy.asarray(np.asarray(lengths, np.int64)))
+        assert relative_error(cupy.asnumpy(out), reference) <= TOLERANCE[BF16]
+
+
 def test_split_count_leaves_room_for_the_window_blocks():
     """The split model: at least one step per warp, whole waves of packed blocks, and window blocks counted where they
     would make packed blocks wait for a slot."""

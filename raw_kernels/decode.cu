@@ -702,9 +702,10 @@ __device__ __noinline__ void window_rows(const SharedMemory& shared, int first_r
 
 // the block's partial result: the warps' softmax statistics are in shared.row_max/row_sum; each warp adds its rows,
 // scaled to the block maximum, into shared.o through add(warp, factor_of_row), one warp after the other (a fixed
-// order: deterministic); then the block writes partial_o and partial_ml
+// order: deterministic); then the block writes partial_o and partial_ml of its first block_rows rows (the others are
+// padding, never read)
 template <typename Add>
-__device__ __forceinline__ void merge_and_store(SharedMemory& shared, int warp, i64 block, Add add,
+__device__ __forceinline__ void merge_and_store(SharedMemory& shared, int warp, i64 block, int block_rows, Add add,
                                                 float* __restrict__ partial_o, float2* __restrict__ partial_ml) {
     __syncthreads();
     auto factor = [&](int w, int row) {
@@ -718,9 +719,9 @@ __device__ __forceinline__ void merge_and_store(SharedMemory& shared, int warp, 
         if (warp == w) add(w, factor);
         __syncthreads();
     }
-    for (int i = threadIdx.x; i < RPB * HEAD_DIM; i += THREADS)
+    for (int i = threadIdx.x; i < block_rows * HEAD_DIM; i += THREADS)
         partial_o[block * RPB * HEAD_DIM + i] = shared.o[i / HEAD_DIM][i % HEAD_DIM];
-    if (threadIdx.x < RPB) {
+    if (threadIdx.x < block_rows) {
         const int row = threadIdx.x;
         float block_max = NEG_INF, sum = 0.f;
 #pragma unroll
@@ -738,8 +739,8 @@ __device__ __forceinline__ void merge_and_store(SharedMemory& shared, int warp, 
 // (window_split_rows) or ceil(window_splits / WARPS) window blocks. Partial rows of split s (s = packed_splits + window
 // split for the window):
 // partial_o (unnormalized float32, rotated basis for packed splits) and partial_ml (base-2 max, sum), at
-// ((bh * row_blocks + rb) * (packed_splits + window_splits) + s) * RPB + row; packed blocks write all RPB rows, window
-// blocks those below `rows`.
+// ((bh * row_blocks + rb) * (packed_splits + window_splits) + s) * RPB + row, for the rows below `rows` (the block's
+// other rows are padding: zero queries, never written).
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial(
     const in_t* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_sl,
     const u32* __restrict__ k_codes, const scale_t* __restrict__ k_scales, const scale_t* __restrict__ k_zeros,
@@ -815,8 +816,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
     };
     const i64 block = ((i64)bh * gridDim.z + rb) * splits + split;
 
+    const int block_rows = min(RPB, rows - rb * RPB);  // the block's query rows below `rows` (the rest: padding)
     if (!packed_part) {
-        const int block_rows = min(RPB, rows - rb * RPB);
         const int first_row = window_split_rows ? warp : 0, row_step = window_split_rows ? WARPS : 1;
         const int count = window_split_rows ? (block_rows - warp + WARPS - 1) / WARPS : block_rows;
         if (window_split >= window_splits || count <= 0) return;
@@ -843,7 +844,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
         float x[LANE_ELEMENTS];
 #pragma unroll
         for (int j = 0; j < LANE_ELEMENTS; ++j) x[j] = shared.q[r][lane * LANE_ELEMENTS + j];
-        if (rotate) fwht_row<HEAD_DIM, LANE_ELEMENTS>(x, lane, hadamard_normalization);
+        if (rotate && r < block_rows) fwht_row<HEAD_DIM, LANE_ELEMENTS>(x, lane, hadamard_normalization);
 #pragma unroll
         for (int j = 0; j < LANE_ELEMENTS; j += 2) {
             const int c = lane * LANE_ELEMENTS + j;  // channel pair c, c + 1 belongs to lane c / LANE_CHANNELS
@@ -909,7 +910,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
             }
         }
     }
-    merge_and_store(shared, warp, block, [&](int w, auto factor) {
+    merge_and_store(shared, warp, block, block_rows, [&](int w, auto factor) {
 #pragma unroll
         for (int rt = 0; rt < ROW_TILES; ++rt) {
 #pragma unroll

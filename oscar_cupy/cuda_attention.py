@@ -89,7 +89,7 @@ class DecodePlan:
         units = batch * kv_heads * self.row_blocks
         self.window_splits = -(-max_window // WINDOW_SPLIT)
         window_blocks = -(-self.window_splits // WARPS)  # per unit, each warp taking a split of its own
-        wanted = _split_count(units, slots, steps, window_blocks) if steps else 0
+        wanted = _split_count(units, slots, steps, self.window_splits) if steps else 0
         self.split_steps = -(-steps // wanted) if steps else 1
         self.packed_splits = -(-steps // self.split_steps) if steps else 0
         self.splits = self.packed_splits + self.window_splits
@@ -200,23 +200,25 @@ def _resident_blocks(function_ptr: int, shared_bytes: int, device_id: int) -> in
     return max(1, per_sm) * attributes["MultiProcessorCount"]
 
 
-# relative durations of the blocks of one launch on a full GPU, fitted to H100 measurements: a packed block costs
-# BLOCK_COST (query prologue, block merge, partial result) plus STEP_COST per 32-token step of each of its warps, a
-# window block (a 32-token split per warp) WINDOW_COST
-STEP_COST, BLOCK_COST, WINDOW_COST = 1.0, 3.0, 10.0
+# relative durations of a decode step's parts, fitted to H100 measurements: a packed block costs BLOCK_COST (query
+# prologue, block merge, partial result) plus STEP_COST per 32-token step of each of its warps, a window block (a
+# 32-token split per warp) WINDOW_COST, and the combine COMBINE_COST per 32 splits it merges (a round of its loads)
+STEP_COST, BLOCK_COST, WINDOW_COST, COMBINE_COST = 1.0, 3.0, 10.0, 3.0
 
 
-def _split_count(units: int, slots: int, steps: int, window_blocks: int) -> int:
-    """Packed splits per (sequence, KV head, row block): the count with the shortest estimated launch (the fewest
-    among those within 1%), at least one 32-token step per warp.
+def _split_count(units: int, slots: int, steps: int, window_splits: int) -> int:
+    """Packed splits per (sequence, KV head, row block): the count with the shortest estimated step (the fewest among
+    those within 1%), at least one 32-token step per warp.
 
-    ``units`` (sequence, KV head, row block) triples of ``steps`` packed steps and ``window_blocks`` window blocks each;
-    ``slots`` blocks fit on the GPU at once and each block takes a slot as one frees up. Estimate: the window blocks
-    take slots first (``WINDOW_COST`` each; they come after their unit's packed blocks in the grid, but are short), the
-    packed blocks (``BLOCK_COST`` plus ``STEP_COST`` per step of a warp) take the others, then each slot as it frees
-    up; the launch ends with its last packed block. More splits shorten the packed blocks but add their fixed part; a
-    last wave of a few blocks costs a whole block.
+    ``units`` (sequence, KV head, row block) triples of ``steps`` packed steps and ``window_splits`` 32-token window
+    splits each (in window blocks of WARPS splits); ``slots`` blocks fit on the GPU at once and each block takes a slot
+    as one frees up. Estimate: the window blocks take slots first (``WINDOW_COST`` each; they come after their unit's
+    packed blocks in the grid, but are short), the packed blocks (``BLOCK_COST`` plus ``STEP_COST`` per step of a warp)
+    take the others, then each slot as it frees up; the launch ends with its last packed block; then the combine
+    merges the packed and window splits (``COMBINE_COST`` per 32). More splits shorten the packed blocks but add their
+    fixed part and the combine's work; a last wave of a few blocks costs a whole block.
     """
+    window_blocks = -(-window_splits // WARPS)
     rounds, late_slots = divmod(units * window_blocks, slots)  # window rounds; slots that hold one window block more
     best, best_time = 1, math.inf
     for splits in range(1, max(1, -(-steps // WARPS)) + 1):
@@ -225,7 +227,7 @@ def _split_count(units: int, slots: int, steps: int, window_blocks: int) -> int:
         if (wave + 1) * BLOCK_COST >= best_time * 0.99:
             break  # the waves only grow with more splits, and each costs BLOCK_COST at least
         release = (rounds + (place >= slots - late_slots)) * WINDOW_COST
-        time = release + (wave + 1) * duration
+        time = release + (wave + 1) * duration + COMBINE_COST * -(-(splits + window_splits) // 32)
         if time < best_time * 0.99:
             best, best_time = splits, time
     return best

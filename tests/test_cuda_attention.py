@@ -290,8 +290,8 @@ def test_both_window_block_layouts(rng, split_rows, group, q_len, head_dim):
 
 
 def test_split_count_leaves_room_for_the_window_blocks():
-    """The split model: at least one step per warp, whole waves of packed blocks, and window blocks counted where they
-    would make packed blocks wait for a slot."""
+    """The split model: at least one step per warp, whole waves of packed blocks, window blocks counted where they
+    would make packed blocks wait for a slot, and the combine's rounds of 32 splits."""
     from oscar_cupy.cuda_attention import _split_count
 
     for units, steps in ((8, 128), (8, 1020), (64, 124), (512, 4092)):
@@ -303,6 +303,9 @@ def test_split_count_leaves_room_for_the_window_blocks():
     # a window block's slot, so 5 (320 + 64 blocks in one wave)
     assert _split_count(64, 396, 124, 0) == 6
     assert _split_count(64, 396, 124, 1) == 5
+    # batch 1 x 4k with 4 window splits: 31 splits of one step per warp would leave the combine two rounds of loads
+    # (35 splits); 16 splits of two steps leave it one (20)
+    assert _split_count(8, 396, 124, 4) == 16
 
 
 def test_inputs_untouched_and_clear_errors(rng):

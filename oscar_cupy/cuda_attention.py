@@ -88,7 +88,6 @@ class DecodePlan:
         steps = -(-max_packed // STEP)
         units = batch * kv_heads * self.row_blocks
         self.window_splits = -(-max_window // WINDOW_SPLIT)
-        window_blocks = -(-self.window_splits // WARPS)  # per unit, each warp taking a split of its own
         wanted = _split_count(units, slots, steps, self.window_splits) if steps else 0
         self.split_steps = -(-steps // wanted) if steps else 1
         self.packed_splits = -(-steps // self.split_steps) if steps else 0
@@ -96,7 +95,6 @@ class DecodePlan:
         # when all blocks fit on the GPU at once even with a window block per window split, the launch lasts as long as
         # its longest block: the warps of a window block then share one split and split its query rows (decode.cu)
         self.window_split_rows = units * self.splits <= slots
-        self.window_blocks = self.window_splits if self.window_split_rows else window_blocks
         with cupy.cuda.Device(self.device_id):
             partial_rows = units * self.splits * rows_per_block
             self.partial_o = cupy.empty((partial_rows, head_dim), dtype=cupy.float32)
@@ -136,7 +134,8 @@ class DecodePlan:
         normalization = hadamard_normalization(self.head_dim)
         if self.splits:
             self._partial(
-                (self.packed_splits + self.window_blocks, self.batch * self.kv_heads, self.row_blocks), (THREADS,),
+                (self.packed_splits + _window_blocks(self.window_splits, self.window_split_rows),
+                 self.batch * self.kv_heads, self.row_blocks), (THREADS,),
                 (q, *q_strides, arrays["k_codes"], arrays["k_scales"], arrays["k_zeros"], arrays["v_codes"],
                  arrays["v_scales"], arrays["v_zeros"], norms if norms is not None else np.uint64(0),
                  np.int32(0 if norms is None else norms.shape[1]), packed_lengths, np.int32(capacity),
@@ -206,6 +205,12 @@ def _resident_blocks(function_ptr: int, shared_bytes: int, device_id: int) -> in
 STEP_COST, BLOCK_COST, WINDOW_COST, COMBINE_COST = 1.0, 3.0, 10.0, 3.0
 
 
+def _window_blocks(window_splits: int, split_rows: bool) -> int:
+    """Window blocks per unit: one per window split when its warps share the split's query rows, otherwise one per
+    ``WARPS`` splits (a split per warp)."""
+    return window_splits if split_rows else -(-window_splits // WARPS)
+
+
 def _split_count(units: int, slots: int, steps: int, window_splits: int) -> int:
     """Packed splits per (sequence, KV head, row block): the count with the shortest estimated step (the fewest among
     those within 1%), at least one 32-token step per warp.
@@ -218,8 +223,8 @@ def _split_count(units: int, slots: int, steps: int, window_splits: int) -> int:
     merges the packed and window splits (``COMBINE_COST`` per 32). More splits shorten the packed blocks but add their
     fixed part and the combine's work; a last wave of a few blocks costs a whole block.
     """
-    window_blocks = -(-window_splits // WARPS)
-    rounds, late_slots = divmod(units * window_blocks, slots)  # window rounds; slots that hold one window block more
+    # window rounds; slots that hold one window block more
+    rounds, late_slots = divmod(units * _window_blocks(window_splits, False), slots)
     best, best_time = 1, math.inf
     for splits in range(1, max(1, -(-steps // WARPS)) + 1):
         duration = BLOCK_COST + STEP_COST * -(-steps // (splits * WARPS))

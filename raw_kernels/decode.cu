@@ -604,6 +604,12 @@ __device__ __forceinline__ void packed_run(const PackedArgs& a, const SharedMemo
 #define LANE_ELEMENTS (HEAD_DIM / WARP)
 #define WINDOW_SPLIT 32  // window tokens per window split
 
+// the query position of query row r (of `rows`, q_len positions per query head): it sees the tokens up to
+// (all tokens) - q_len + position; a padding row beyond `rows` takes the last position
+__device__ __forceinline__ int query_position(int r, int rows, int q_len) {
+    return r < rows ? r % q_len : q_len - 1;
+}
+
 // the 128-byte lines of one window row into L2 (its last byte too: a row need not start on a line)
 __device__ __forceinline__ void prefetch_row(const in_t* row) {
     const char* bytes = reinterpret_cast<const char*>(row);
@@ -627,7 +633,7 @@ __device__ __noinline__ void window_rows(const SharedMemory& shared, int first_r
 #pragma unroll
     for (int k = 0; k < NR; ++k) {
         const int r = row_offset + first_row + row_step * k;
-        end[k] = min(stop, visible + (r < rows ? r % q_len : q_len - 1));
+        end[k] = min(stop, visible + query_position(r, rows, q_len));
     }
     float o[NR][LANE_ELEMENTS], m[NR], l[NR];
 #pragma unroll
@@ -812,7 +818,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
     // the last visible position of a row (causal over the last q_len tokens): packed + windowed - q_len + position
     auto row_end = [&](int local_row) -> i64 {
         const int r = rb * RPB + local_row;
-        return packed + windowed - q_len + (r < rows ? r % q_len : q_len - 1) + 1;  // exclusive
+        return packed + windowed - q_len + query_position(r, rows, q_len) + 1;  // exclusive
     };
     const i64 block = ((i64)bh * gridDim.z + rb) * splits + split;
 

@@ -281,7 +281,6 @@ def test_both_window_block_layouts(rng, split_rows, group, q_len, head_dim):
         plan = DecodePlan(qkv.config, batch=2, q_heads=2 * group, kv_heads=2, q_len=q_len, head_dim=head_dim,
                           dtype=BF16, max_packed=200, max_window=max_window)
         plan.window_split_rows = split_rows
-        plan.window_blocks = plan.window_splits if split_rows else -(-plan.window_splits // 4)
         poison_memory_pool()
         plan.partial_o.fill(cupy.nan)
         out, _ = plan.run(cupy.asarray(q), to_gpu(qkv).arrays(), cupy.asarray(qkv.lengths), cupy.asarray(wk),

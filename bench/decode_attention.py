@@ -145,7 +145,7 @@ def ours_ms(config, batch, tokens, q_heads, kv_heads, head_dim):
     per_token = sum(int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
                     for shape, dtype in layout.array_specs(config, 1, kv_heads, config.window, head_dim).values())
     read = batch * (packed_tokens * per_token // config.window + WINDOW * kv_heads * head_dim * 2 * 2) + q.nbytes
-    return ms, eager, read, plan.splits
+    return ms, eager, read, plan.packed_blocks
 
 
 def main():
@@ -171,9 +171,9 @@ def main():
                 for name, config in CACHES.items():
                     if config.value_group > shape["head_dim"]:
                         continue
-                    ms, eager, read, splits = ours_ms(config, batch, tokens, **shape)
+                    ms, eager, read, blocks = ours_ms(config, batch, tokens, **shape)
                     cupy.get_default_memory_pool().free_all_blocks()
-                    rows.append(dict(model=model, batch=batch, context=tokens, cache=name, splits=splits, ms=ms,
+                    rows.append(dict(model=model, batch=batch, context=tokens, cache=name, packed_blocks=blocks, ms=ms,
                                      eager_ms=eager, read_bytes=read, gbps=read / ms / 1e6,
                                      copy_fraction=read / ms / 1e6 / copy, speedup=baseline / ms))
                     print(_line(rows[-1]))

@@ -1,14 +1,16 @@
 """The CUDA decode attention over a packed cache and a full-precision window (``raw_kernels/decode.cu``).
 
-Two launches per call: ``decode_partial`` (split-KV: each block reads one split of one sequence's packed tokens, or
-window splits of 32 tokens, for up to 16 query rows of one KV head, and writes unnormalized partial outputs with their
-log-sum-exp statistics) and ``decode_combine`` (merges the splits exactly, rotates the packed part back, adds the window
-part). Nothing dequantized is ever written to memory.
+Two launches per call: ``decode_partial`` (split-KV: window blocks each read window splits of 32 tokens, and packed
+blocks share the packed steps of all (sequence, KV head, row block) units evenly, stream-K, each writing a partial
+result per unit it touches: unnormalized outputs for up to 16 query rows of one KV head with their log-sum-exp
+statistics) and ``decode_combine`` (merges a unit's partial results exactly, rotates the packed part back, adds the
+window part). Nothing dequantized is ever written to memory.
 
-:class:`DecodePlan` is the plan/run split: a plan fixes the shapes, chooses the split count from the GPU's SM count and
-the longest sequence, and owns a reusable workspace and output, so :meth:`DecodePlan.run` allocates nothing, never
-synchronizes with the host and can be captured in a CUDA graph. Sequences longer than the plan's ``max_packed`` are
-still read whole (the last split runs to each sequence's end), only less evenly spread.
+:class:`DecodePlan` is the plan/run split: a plan fixes the shapes, chooses the packed block count from the GPU's
+resident blocks and the longest sequence (:func:`_packed_blocks`), and owns a reusable workspace and output, so
+:meth:`DecodePlan.run` allocates nothing, never synchronizes with the host and can be captured in a CUDA graph.
+Sequences longer than the plan's ``max_packed`` are still read whole (each unit's last segment runs to its sequence's
+end), only less evenly spread.
 
 Precision: keys and values enter the tensor cores as exact integer codes; the query times the key scales, and the
 probabilities times the value scales, are rounded to float16 (bfloat16 when the scales are bfloat16 or float32);
@@ -85,18 +87,22 @@ class DecodePlan:
             )
             slots = _resident_blocks(self._partial.ptr, self.shared_bytes, self.device_id)
             self._combine = kernels.function(variant, "decode_combine", self.device_id)
-        steps = -(-max_packed // STEP)
-        units = batch * kv_heads * self.row_blocks
+        self.units = batch * kv_heads * self.row_blocks  # (sequence, KV head, row block) triples
+        self.unit_steps = -(-max_packed // STEP)
         self.window_splits = -(-max_window // WINDOW_SPLIT)
-        wanted = _split_count(units, slots, steps, self.window_splits) if steps else 0
-        self.split_steps = -(-steps // wanted) if steps else 1
-        self.packed_splits = -(-steps // self.split_steps) if steps else 0
-        self.splits = self.packed_splits + self.window_splits
+        self.packed_blocks = _packed_blocks(self.units, slots, self.unit_steps, self.window_splits)
         # when all blocks fit on the GPU at once even with a window block per window split, the launch lasts as long as
         # its longest block: the warps of a window block then share one split and split its query rows (decode.cu)
-        self.window_split_rows = units * self.splits <= slots
+        self.window_split_rows = self.packed_blocks + self.units * self.window_splits <= slots
+        if self.units * self.unit_steps + WARPS * WINDOW_COST * MAX_PACKED_BLOCKS >= 2**31:
+            raise ValueError(f"{self.units * self.unit_steps} packed steps of 32 tokens in one launch: the kernels "
+                             "count steps in 32 bits; split the batch")
+        self.late_blocks, self.late_steps = _late_blocks(
+            self.packed_blocks, self.units * _window_blocks(self.window_splits, self.window_split_rows), slots,
+            self.units * self.unit_steps)
         with cupy.cuda.Device(self.device_id):
-            partial_rows = units * self.splits * rows_per_block
+            # partial rows: packed segment (block i, unit u) at index i + u, then the window splits of each unit
+            partial_rows = (self.packed_blocks + self.units * (1 + self.window_splits)) * rows_per_block
             self.partial_o = cupy.empty((partial_rows, head_dim), dtype=cupy.float32)
             self.partial_ml = cupy.empty((partial_rows, 2), dtype=cupy.float32)
             self.out = cupy.empty((batch, q_heads, q_len, head_dim), dtype=self.dtype)
@@ -132,23 +138,25 @@ class DecodePlan:
         scale_log2 = np.float32(self.scale * math.log2(math.e))
         rotate = np.int32(isinstance(config.rotation, str) and config.rotation == "hadamard")
         normalization = hadamard_normalization(self.head_dim)
-        if self.splits:
+        partition = [np.int32(self.packed_blocks), np.int32(self.unit_steps), np.int32(self.late_blocks),
+                     np.int32(self.late_steps)]
+        window_blocks = self.units * _window_blocks(self.window_splits, self.window_split_rows)
+        if self.packed_blocks + window_blocks:
             self._partial(
-                (self.packed_splits + _window_blocks(self.window_splits, self.window_split_rows),
-                 self.batch * self.kv_heads, self.row_blocks), (THREADS,),
+                (self.packed_blocks + window_blocks,), (THREADS,),
                 (q, *q_strides, arrays["k_codes"], arrays["k_scales"], arrays["k_zeros"], arrays["v_codes"],
                  arrays["v_scales"], arrays["v_zeros"], norms if norms is not None else np.uint64(0),
                  np.int32(0 if norms is None else norms.shape[1]), packed_lengths, np.int32(capacity),
                  *window_args, window_lengths if window_lengths is not None else np.uint64(0),
-                 np.int32(self.kv_heads), np.int32(self.q_len), np.int32(self.rows), np.int32(config.key_group),
-                 np.int32(self.packed_splits), np.int32(self.split_steps), np.int32(self.window_splits),
+                 np.int32(self.kv_heads), np.int32(self.q_len), np.int32(self.rows), np.int32(self.row_blocks),
+                 np.int32(self.units), np.int32(config.key_group), *partition, np.int32(self.window_splits),
                  np.int32(self.window_split_rows), rotate, normalization, scale_log2, self.partial_o, self.partial_ml),
                 shared_mem=self.shared_bytes,
             )
         total_rows = self.batch * self.kv_heads * self.rows
         self._combine(
             (total_rows,), (THREADS,),
-            (self.partial_o, self.partial_ml, np.int32(self.packed_splits), np.int32(self.splits),
+            (self.partial_o, self.partial_ml, np.int32(self.units), *partition, np.int32(self.window_splits),
              np.int32(self.kv_heads), np.int32(self.q_len), np.int32(self.rows), np.int32(self.row_blocks),
              np.int32(rotate and config.rotate_values), normalization, out, self.lse),
         )
@@ -199,10 +207,11 @@ def _resident_blocks(function_ptr: int, shared_bytes: int, device_id: int) -> in
     return max(1, per_sm) * attributes["MultiProcessorCount"]
 
 
-# relative durations of a decode step's parts, fitted to H100 measurements: a packed block costs BLOCK_COST (query
-# prologue, block merge, partial result) plus STEP_COST per 32-token step of each of its warps, a window block (a
-# 32-token split per warp) WINDOW_COST, and the combine COMBINE_COST per 32 splits it merges (a round of its loads)
+# relative durations of a decode step's parts, fitted to H100 measurements: a packed block costs BLOCK_COST per segment
+# (query prologue, block merge, partial result) plus STEP_COST per 32-token step of each of its warps, a window block
+# (a 32-token split per warp) WINDOW_COST, and the combine COMBINE_COST per 32 partial rows it merges (a round of loads)
 STEP_COST, BLOCK_COST, WINDOW_COST, COMBINE_COST = 1.0, 3.0, 10.0, 3.0
+MAX_PACKED_BLOCKS = 1023  # decode.cu's PackedPartition divides by the block count through a 32-bit reciprocal
 
 
 def _window_blocks(window_splits: int, split_rows: bool) -> int:
@@ -211,30 +220,49 @@ def _window_blocks(window_splits: int, split_rows: bool) -> int:
     return window_splits if split_rows else -(-window_splits // WARPS)
 
 
-def _split_count(units: int, slots: int, steps: int, window_splits: int) -> int:
-    """Packed splits per (sequence, KV head, row block): the count with the shortest estimated step (the fewest among
-    those within 1%), at least one 32-token step per warp.
+def _late_blocks(packed_blocks: int, window_blocks: int, slots: int, total_steps: int) -> tuple[int, int]:
+    """``(late_blocks, late_steps)``: the window blocks come after the packed blocks and take the slots that free up
+    first; the last ``late_blocks`` packed blocks take ``late_steps`` steps fewer than the others (a window block's
+    duration in steps of a block's four warps; fewer where a late block would be left no step), so that their slots
+    take the window blocks that find no free slot (one more each than the other packed blocks' slots)."""
+    waiting = max(0, window_blocks - max(0, slots - packed_blocks))  # window blocks that wait for a packed block
+    late_blocks = waiting % packed_blocks if packed_blocks else 0
+    if not late_blocks:
+        return 0, 0
+    late_steps = min(round(WARPS * WINDOW_COST / STEP_COST), (total_steps - packed_blocks) // packed_blocks)
+    return (late_blocks, late_steps) if late_steps > 0 else (0, 0)
+
+
+@functools.lru_cache(maxsize=1024)  # the layers of a model plan the same shapes at every flush
+def _packed_blocks(units: int, slots: int, steps: int, window_splits: int) -> int:
+    """Packed blocks of a launch (they share the ``units * steps`` packed steps evenly, decode.cu): the count with the
+    shortest estimated step (the fewest among those within 1%), at most one per slot and one per step (and below
+    ``MAX_PACKED_BLOCKS``).
 
     ``units`` (sequence, KV head, row block) triples of ``steps`` packed steps and ``window_splits`` 32-token window
-    splits each (in window blocks of WARPS splits); ``slots`` blocks fit on the GPU at once and each block takes a slot
-    as one frees up. Estimate: the window blocks take slots first (``WINDOW_COST`` each; they come after their unit's
-    packed blocks in the grid, but are short), the packed blocks (``BLOCK_COST`` plus ``STEP_COST`` per step of a warp)
-    take the others, then each slot as it frees up; the launch ends with its last packed block; then the combine
-    merges the packed and window splits (``COMBINE_COST`` per 32). More splits shorten the packed blocks but add their
-    fixed part and the combine's work; a last wave of a few blocks costs a whole block.
+    splits each (in window blocks of WARPS splits); ``slots`` blocks fit on the GPU at once. Estimate: the packed
+    blocks start first (``BLOCK_COST`` per unit a block touches, plus ``STEP_COST`` per step of a warp); the window
+    blocks (``WINDOW_COST`` each) take the free slots, then the slots of packed blocks as they finish, those of the late
+    blocks (:func:`_late_blocks`) first; then the combine merges each unit's segments and window splits
+    (``COMBINE_COST`` per 32). More blocks shorten them but add segments and the combine's work.
     """
-    # window rounds; slots that hold one window block more
-    rounds, late_slots = divmod(units * _window_blocks(window_splits, False), slots)
-    best, best_time = 1, math.inf
-    for splits in range(1, max(1, -(-steps // WARPS)) + 1):
-        duration = BLOCK_COST + STEP_COST * -(-steps // (splits * WARPS))
-        wave, place = divmod(units * splits - 1, slots)  # the last packed block: its wave and slot
-        if (wave + 1) * BLOCK_COST >= best_time * 0.99:
-            break  # the waves only grow with more splits, and each costs BLOCK_COST at least
-        release = (rounds + (place >= slots - late_slots)) * WINDOW_COST
-        time = release + (wave + 1) * duration + COMBINE_COST * -(-(splits + window_splits) // 32)
+    total = units * steps
+    window_blocks = units * _window_blocks(window_splits, False)
+    best, best_time = 0, math.inf
+    for blocks in range(1, min(slots, total, MAX_PACKED_BLOCKS) + 1):
+        late_blocks, late_steps = _late_blocks(blocks, window_blocks, slots, total)
+        block_steps = -(-(total + late_steps * late_blocks) // blocks)  # of an early block
+        aligned = blocks % units == 0 and not late_blocks  # whole blocks per unit: one segment each
+        segments = 1 if aligned else -(-(block_steps - 1) // steps) + 1
+        duration = BLOCK_COST * segments + STEP_COST * (-(-block_steps // WARPS) + segments - 1)
+        waiting = max(0, window_blocks - max(0, slots - blocks))  # window blocks after packed ones, on every slot
+        # a window block whose warps share one split and split its rows (when all fit at once) takes a quarter
+        window_time = WINDOW_COST / (WARPS if blocks + units * window_splits <= slots else 1) if window_splits else 0
+        unit_segments = blocks // units if aligned else -(-blocks // units) + 1
+        time = (max(duration + WINDOW_COST * (waiting // blocks), window_time)
+                + COMBINE_COST * -(-(unit_segments + window_splits) // 32))
         if time < best_time * 0.99:
-            best, best_time = splits, time
+            best, best_time = blocks, time
     return best
 
 

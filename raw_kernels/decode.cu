@@ -739,36 +739,88 @@ __device__ __forceinline__ void merge_and_store(SharedMemory& shared, int warp, 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Grid (packed_splits + window blocks, B * kv_heads, row blocks), THREADS threads. Packed split s covers tokens
-// [s * split_steps * 32, (s + 1) * split_steps * 32) of each sequence's packed part (the last one: to its end); window
-// split s covers window tokens [32 s, 32 s + 32) (the last one: to the end), window_splits of them, in window_splits
-// (window_split_rows) or ceil(window_splits / WARPS) window blocks. Partial rows of split s (s = packed_splits + window
-// split for the window):
-// partial_o (unnormalized float32, rotated basis for packed splits) and partial_ml (base-2 max, sum), at
-// ((bh * row_blocks + rb) * (packed_splits + window_splits) + s) * RPB + row, for the rows below `rows` (the block's
-// other rows are padding: zero queries, never written).
-extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial(
-    const in_t* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_sl,
+// The work of a launch. A unit is one (sequence, KV head, row block): u = (b * kv_heads + h) * row_blocks + rb, of
+// `units`. Its packed part is unit_steps 32-token steps (the plan's longest sequence; a shorter sequence's steps beyond
+// its end are empty, and the unit's last step runs to its end where a sequence is longer than the plan). The packed
+// blocks come first in the grid and share the steps of all units in a row, T = units * unit_steps of them (stream-K):
+// block i takes steps [start(i), start(i + 1)), as one segment per unit it touches. The window blocks come last; those
+// that find no free slot take the slots of the last late_blocks packed blocks, which take late_steps steps fewer than
+// the others for it (PackedPartition; every block holds at least one step). Segment (i, u) writes its partial rows at
+// index i + u (unique: from one segment of the blocks to the next, i or u grows), window split w of unit u at index
+// packed_blocks + units + u * window_splits + w. Index n, block row r: row n * RPB + r of partial_o (unnormalized
+// float32, rotated basis for packed segments) and partial_ml (base-2 max, sum), for the rows below `rows` (the others
+// are padding: zero queries, never written).
+struct PackedPartition {
+    int blocks, late_blocks, late_steps;  // blocks below 1024 (u32 reciprocal, see start)
+    int block_steps, remainder;  // T + late_steps * late_blocks = block_steps * blocks + remainder (below 2^31)
+    u32 reciprocal;              // ceil(2^32 / blocks): __umulhi(a, reciprocal) = a / blocks for a < blocks^2
+
+    __device__ PackedPartition(int units, int unit_steps, int blocks_, int late_blocks_, int late_steps_)
+        : blocks(blocks_), late_blocks(late_blocks_), late_steps(late_steps_) {
+        const int rate = units * unit_steps + late_steps * late_blocks;
+        block_steps = rate / blocks;
+        remainder = rate - block_steps * blocks;
+        reciprocal = 0xffffffffu / blocks + 1;
+    }
+
+    __device__ int early() const { return blocks - late_blocks; }
+
+    // the first step of packed block i (i = blocks: T): i * remainder < blocks^2, and blocks^3 < 2^32 makes the
+    // reciprocal's quotient exact
+    __device__ int start(int i) const {
+        return i * block_steps - max(0, i - early()) * late_steps + (int)__umulhi(i * remainder, reciprocal);
+    }
+
+    // the packed block that holds step x (the largest i with start(i) <= x): block boundaries lie within a step of
+    // multiples of the blocks' mean size, so the float32 estimate is off by at most one block
+    __device__ int block_of(int x) const {
+        const float mean = block_steps + remainder * __int_as_float(0x2f800000) * reciprocal;  // 2^-32
+        const int boundary = start(early());
+        int i = x < boundary ? (int)(x * __fdividef(1.f, mean))
+                             : early() + (int)((x - boundary) * __fdividef(1.f, mean - late_steps));
+        i = min(i, blocks - 1);
+        if (start(i) > x) --i;
+        else if (i + 1 < blocks && start(i + 1) <= x) ++i;
+        return i;
+    }
+};
+
+// query rows rb * RPB ... of (sequence b, KV head h) into shared.q as float32, zeros beyond `rows`
+__device__ __forceinline__ void stage_queries(SharedMemory& shared, const in_t* __restrict__ q, i64 q_sb, i64 q_sh,
+                                              i64 q_sl, i64 b, int h, int rb, int rows, int q_len) {
+    const int group_size = rows / q_len;  // query heads per KV head
+    for (int i = threadIdx.x; i < RPB * HEAD_DIM; i += THREADS) {
+        const int r = rb * RPB + i / HEAD_DIM, c = i % HEAD_DIM;
+        float x = 0.f;
+        if (r < rows) x = in_to_f32(q[b * q_sb + (i64)(h * group_size + r / q_len) * q_sh + (i64)(r % q_len) * q_sl + c]);
+        shared.q[i / HEAD_DIM][c] = x;
+    }
+}
+
+// Segment [first_step, stop_step) of unit u's packed steps (see above) by one packed block: its query rows rotated into
+// shared memory, the warps' runs of steps, their merge into partial rows `partial_index`. Not inlined: in the loop of
+// decode_partial over a block's segments, ptxas would allocate the packed loop's registers otherwise (731 instead of
+// 691 SASS instructions per step). ptxas lays a kernel's functions out in the order of their mangled names: this one
+// comes right after the kernel's body, before window_rows (placed after them, at 150 KB, the packed blocks at batch
+// 1 stalled on instruction fetches: 13.3 -> 15.0 us at 1 x 4k).
+__device__ __noinline__ void run_segment(
+    SharedMemory& shared, StepBuffer* step_buffers, const in_t* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_sl,
     const u32* __restrict__ k_codes, const scale_t* __restrict__ k_scales, const scale_t* __restrict__ k_zeros,
     const u32* __restrict__ v_codes, const scale_t* __restrict__ v_scales, const scale_t* __restrict__ v_zeros,
     const float* __restrict__ norms, int norm_heads, const i64* __restrict__ packed_lengths, int capacity,
-    const in_t* __restrict__ window_k, i64 wk_sb, i64 wk_sh, i64 wk_st,
-    const in_t* __restrict__ window_v, i64 wv_sb, i64 wv_sh, i64 wv_st, const i64* __restrict__ window_lengths,
-    int kv_heads, int q_len, int rows, int key_group, int packed_splits, int split_steps, int window_splits,
-    int window_split_rows, int rotate, float hadamard_normalization, float scale_log2, float* __restrict__ partial_o,
-    float2* __restrict__ partial_ml) {
-    __shared__ SharedMemory shared;
-    const int split = blockIdx.x, bh = blockIdx.y, rb = blockIdx.z;
-    const int b = bh / kv_heads, h = bh % kv_heads;
+    const i64* __restrict__ window_lengths, int kv_heads, int q_len, int rows, int row_blocks, int key_group,
+    int unit_steps, int rotate, float hadamard_normalization, float scale_log2, int u, int first_step, int stop_step,
+    i64 partial_index, float* __restrict__ partial_o, float2* __restrict__ partial_ml) {
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    const int group_size = rows / q_len;  // query heads per KV head
-    const int splits = packed_splits + window_splits;
-    const i64 packed = packed_lengths[b], windowed = window_lengths != nullptr ? window_lengths[b] : 0;
-    const bool packed_part = split < packed_splits;
+    StepBuffer* buffers = step_buffers + warp * STAGES;
 
-    const i64 split_start = (i64)split * split_steps * STEP;
-    const i64 split_stop = split == packed_splits - 1 ? packed : min(packed, split_start + (i64)split_steps * STEP);
-    const int steps = packed_part && split_stop > split_start ? (int)((split_stop - split_start + STEP - 1) / STEP) : 0;
+    const int bh = u / row_blocks, rb = u % row_blocks, h = bh % kv_heads;
+    const i64 b = bh / kv_heads;
+    const i64 packed = packed_lengths[b], windowed = window_lengths != nullptr ? window_lengths[b] : 0;
+    // the segment's tokens: to the sequence's end in the unit's last step
+    const i64 split_start = (i64)first_step * STEP;
+    const i64 split_stop = stop_step == unit_steps ? packed : min(packed, (i64)stop_step * STEP);
+    const int steps = split_stop > split_start ? (int)((split_stop - split_start + STEP - 1) / STEP) : 0;
     const int per_warp = (steps + WARPS - 1) / WARPS;
     const int my_first = min(steps, warp * per_warp), my_steps = min(steps, my_first + per_warp) - my_first;
     const int first_token = (int)split_start + my_first * STEP;
@@ -783,69 +835,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
     args.v_zeros = lane_source(v_zeros + first_row * VALUE_GROUPS);
     args.k_scales = lane_source(k_scales + (i64)bh * args.groups * HEAD_DIM);
     args.norms = norms != nullptr
-                     ? lane_source(norms + ((i64)b * norm_heads + (norm_heads == 1 ? 0 : h)) * capacity + first_token)
+                     ? lane_source(norms + (b * norm_heads + (norm_heads == 1 ? 0 : h)) * capacity + first_token)
                      : nullptr;
     args.k_zeros = k_zeros + (i64)bh * args.groups * HEAD_DIM;
     args.first_token = first_token;
-    // STAGES per warp, 128-byte aligned: the copies of a warp fill whole 128-byte lines of shared memory (a base 16
-    // bytes off, as a static shared size of 11536 bytes gives, measured 5-9% slower)
-    extern __shared__ __align__(128) StepBuffer step_buffers[];
-    StepBuffer* buffers = step_buffers + warp * STAGES;
-    // window block wb: splits wb * WARPS + warp (window_split_rows 0) or wb (1), 32 window tokens each
-    const int wb = split - packed_splits;
-    const int window_split = window_split_rows ? wb : wb * WARPS + warp;
-    const i64 block_start = (i64)(window_split_rows ? wb : wb * WARPS) * WINDOW_SPLIT;
-    const i64 block_stop = min(windowed, block_start + (window_split_rows ? 1 : WARPS) * WINDOW_SPLIT);
-    const in_t* window_keys = window_k + b * wk_sb + h * wk_sh;
-    const in_t* window_values = window_v + b * wv_sb + h * wv_sh;
-    if (packed_part) {
-        start_copies(buffers, args, my_steps, lane);
-    } else {  // the block's window rows on their way to L2 while the query rows are staged
-        for (i64 j = block_start + threadIdx.x; j < block_stop; j += THREADS) {
-            prefetch_row(window_keys + j * wk_st);
-            prefetch_row(window_values + j * wv_st);
-        }
-    }
-
-    // rows of this block: float32 query rows, times softmax_scale * log2(e); zeros beyond `rows`
-    for (int i = threadIdx.x; i < RPB * HEAD_DIM; i += THREADS) {
-        const int r = rb * RPB + i / HEAD_DIM, c = i % HEAD_DIM;
-        float x = 0.f;
-        if (r < rows) x = in_to_f32(q[b * q_sb + (i64)(h * group_size + r / q_len) * q_sh + (i64)(r % q_len) * q_sl + c]);
-        shared.q[i / HEAD_DIM][c] = x;
-    }
+    start_copies(buffers, args, my_steps, lane);
+    stage_queries(shared, q, q_sb, q_sh, q_sl, b, h, rb, rows, q_len);
     __syncthreads();
-    // the last visible position of a row (causal over the last q_len tokens): packed + windowed - q_len + position
-    auto row_end = [&](int local_row) -> i64 {
-        const int r = rb * RPB + local_row;
-        return packed + windowed - q_len + query_position(r, rows, q_len) + 1;  // exclusive
-    };
-    const i64 block = ((i64)bh * gridDim.z + rb) * splits + split;
 
+    // rotate the query rows, scale, store as operand pairs in the lanes' channel order
     const int block_rows = min(RPB, rows - rb * RPB);  // the block's query rows below `rows` (the rest: padding)
-    if (!packed_part) {
-        const int first_row = window_split_rows ? warp : 0, row_step = window_split_rows ? WARPS : 1;
-        const int count = window_split_rows ? (block_rows - warp + WARPS - 1) / WARPS : block_rows;
-        if (window_split >= window_splits || count <= 0) return;
-        const i64 start = (i64)window_split * WINDOW_SPLIT;
-        const i64 stop = window_split == window_splits - 1 ? windowed : min(windowed, start + WINDOW_SPLIT);
-        const i64 slot = (((i64)bh * gridDim.z + rb) * splits + packed_splits + window_split) * RPB;
-        // the warp's rows, rounded up to 1, 2, 4, 8 or 16 (the extra rows are zero queries, not written)
-#define WINDOW_ROWS(NR)                                                                                              \
-    window_rows<NR>(shared, first_row, row_step, count, window_keys, wk_st, window_values, wv_st, start, stop,      \
-                    windowed - q_len + 1, rb * RPB, rows, q_len, scale_log2, lane, slot, partial_o, partial_ml)
-        if (count == 1) WINDOW_ROWS(1);
-        else if (count == 2) WINDOW_ROWS(2);
-        else if (count <= 4) WINDOW_ROWS(4);
-        else if (count <= 8) WINDOW_ROWS(8);
-#if RPB > 8
-        else WINDOW_ROWS(16);
-#endif
-#undef WINDOW_ROWS
-        return;
-    }
-
-    // ---- packed path: rotate the query rows, scale, store as operand pairs in the lanes' channel order
     for (int r = warp; r < RPB; r += WARPS) {
         float x[LANE_ELEMENTS];
 #pragma unroll
@@ -862,18 +861,22 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
     }
     __syncthreads();
 
-    int limit[ROW_TILES][2];  // exclusive token limit of the lane's query rows 8 rt + 2p + e
+    // the exclusive token limit of the lane's query rows 8 rt + 2p + e (causal over the last q_len tokens: row r
+    // sees up to packed + windowed - q_len + its position)
+    int limit[ROW_TILES][2];
     int warp_limit = (int)split_stop;
 #pragma unroll
     for (int rt = 0; rt < ROW_TILES; ++rt) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-            limit[rt][e] = (int)min(split_stop, row_end(8 * rt + 2 * (lane % 4) + e));
+            const int r = rb * RPB + 8 * rt + 2 * (lane % 4) + e;
+            limit[rt][e] = (int)min(split_stop, packed + windowed - q_len + query_position(r, rows, q_len) + 1);
             warp_limit = min(warp_limit, limit[rt][e]);
         }
     }
 #pragma unroll
-    for (int off = 1; off < 4; off *= 2) warp_limit = min(warp_limit, __shfl_xor_sync(0xffffffffu, warp_limit, off));
+    for (int off = 1; off < 4; off *= 2)
+        warp_limit = min(warp_limit, __shfl_xor_sync(0xffffffffu, warp_limit, off));
 
     RowState state;
     float out[ROW_TILES][VALUE_TILES][4], zero_acc[ROW_TILES][2], correction[ROW_TILES][VALUE_GROUPS][2];
@@ -887,9 +890,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
 #pragma unroll
         for (int i = 0; i < VALUE_TILES; ++i) out[rt][i][0] = out[rt][i][1] = out[rt][i][2] = out[rt][i][3] = 0.f;
     }
-    packed_run(args, shared, buffers, my_steps, limit, warp_limit, (int)packed, lane, state, out, zero_acc, correction);
+    packed_run(args, shared, buffers, my_steps, limit, warp_limit, (int)packed, lane, state, out, zero_acc,
+               correction);
 
-    // ---- value zeros in, code offsets out: channel block blk is value group 32 blk / VALUE_GROUP; its zeros are held
+    // value zeros in, code offsets out: channel block blk is value group 32 blk / VALUE_GROUP; its zeros are held
     // by lanes 4 vg + p
     const int p = lane % 4, g = lane / 4;
 #pragma unroll
@@ -916,7 +920,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
             }
         }
     }
-    merge_and_store(shared, warp, block, block_rows, [&](int w, auto factor) {
+    merge_and_store(shared, warp, partial_index, block_rows, [&](int w, auto factor) {
 #pragma unroll
         for (int rt = 0; rt < ROW_TILES; ++rt) {
 #pragma unroll
@@ -938,24 +942,116 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
     }, partial_o, partial_ml);
 }
 
+// Grid (packed_blocks + units * window blocks per unit), THREADS threads: first the packed blocks, then the window
+// blocks (window split s of a unit covers window tokens [32 s, 32 s + 32), the last one to the end;
+// ceil(window_splits / WARPS) blocks per unit, or window_splits with window_split_rows).
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial(
+    const in_t* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_sl,
+    const u32* __restrict__ k_codes, const scale_t* __restrict__ k_scales, const scale_t* __restrict__ k_zeros,
+    const u32* __restrict__ v_codes, const scale_t* __restrict__ v_scales, const scale_t* __restrict__ v_zeros,
+    const float* __restrict__ norms, int norm_heads, const i64* __restrict__ packed_lengths, int capacity,
+    const in_t* __restrict__ window_k, i64 wk_sb, i64 wk_sh, i64 wk_st,
+    const in_t* __restrict__ window_v, i64 wv_sb, i64 wv_sh, i64 wv_st, const i64* __restrict__ window_lengths,
+    int kv_heads, int q_len, int rows, int row_blocks, int units, int key_group, int packed_blocks, int unit_steps,
+    int late_blocks, int late_steps, int window_splits, int window_split_rows, int rotate, float hadamard_normalization,
+    float scale_log2, float* __restrict__ partial_o, float2* __restrict__ partial_ml) {
+    __shared__ SharedMemory shared;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int window_blocks = window_split_rows ? window_splits : (window_splits + WARPS - 1) / WARPS;  // per unit
+    const i64 window_base = (i64)packed_blocks + units;  // partial index of unit 0's window split 0
+
+    if (blockIdx.x < (unsigned)packed_blocks) {
+        // ---- packed block i: its steps of the units, one segment per unit
+        const PackedPartition partition(units, unit_steps, packed_blocks, late_blocks, late_steps);
+        const int i = blockIdx.x;
+        const int block_start_step = partition.start(i), block_stop_step = partition.start(i + 1);
+        // STAGES per warp, 128-byte aligned: the copies of a warp fill whole 128-byte lines of shared memory (a base 16
+        // bytes off, as a static shared size of 11536 bytes gives, measured 5-9% slower)
+        extern __shared__ __align__(128) StepBuffer step_buffers[];
+        for (int x = block_start_step; x < block_stop_step;) {
+            if (x > block_start_step) __syncthreads();  // the shared memory of the block's previous segment is free
+            const int u = x / unit_steps;
+            const int first_step = x - u * unit_steps;
+            const int stop_step = min(block_stop_step - u * unit_steps, unit_steps);
+            x += stop_step - first_step;
+            run_segment(shared, step_buffers, q, q_sb, q_sh, q_sl, k_codes, k_scales, k_zeros, v_codes, v_scales,
+                           v_zeros, norms, norm_heads, packed_lengths, capacity, window_lengths, kv_heads, q_len, rows,
+                           row_blocks, key_group, unit_steps, rotate, hadamard_normalization, scale_log2, u, first_step,
+                           stop_step, (i64)i + u, partial_o, partial_ml);
+        }
+        return;
+    }
+
+    // window block wb of unit u: splits wb * WARPS + warp (window_split_rows 0) or wb (1), 32 window tokens each
+    const int index = blockIdx.x - packed_blocks, u = index / window_blocks, wb = index % window_blocks;
+    const int bh = u / row_blocks, rb = u % row_blocks, h = bh % kv_heads;
+    const i64 b = bh / kv_heads;
+    const i64 windowed = window_lengths[b];
+    const int window_split = window_split_rows ? wb : wb * WARPS + warp;
+    const i64 block_start = (i64)(window_split_rows ? wb : wb * WARPS) * WINDOW_SPLIT;
+    const i64 block_stop = min(windowed, block_start + (window_split_rows ? 1 : WARPS) * WINDOW_SPLIT);
+    const in_t* window_keys = window_k + b * wk_sb + h * wk_sh;
+    const in_t* window_values = window_v + b * wv_sb + h * wv_sh;
+    // the block's window rows on their way to L2 while the query rows are staged
+    for (i64 j = block_start + threadIdx.x; j < block_stop; j += THREADS) {
+        prefetch_row(window_keys + j * wk_st);
+        prefetch_row(window_values + j * wv_st);
+    }
+    stage_queries(shared, q, q_sb, q_sh, q_sl, b, h, rb, rows, q_len);
+    __syncthreads();
+    const int block_rows = min(RPB, rows - rb * RPB);  // the block's query rows below `rows` (the rest: padding)
+    const int first_row = window_split_rows ? warp : 0, row_step = window_split_rows ? WARPS : 1;
+    const int count = window_split_rows ? (block_rows - warp + WARPS - 1) / WARPS : block_rows;
+    if (window_split >= window_splits || count <= 0) return;
+    const i64 start = (i64)window_split * WINDOW_SPLIT;
+    const i64 stop = window_split == window_splits - 1 ? windowed : min(windowed, start + WINDOW_SPLIT);
+    const i64 slot = (window_base + (i64)u * window_splits + window_split) * RPB;
+    // the warp's rows, rounded up to 1, 2, 4, 8 or 16 (the extra rows are zero queries, not written)
+#define WINDOW_ROWS(NR)                                                                                              \
+    window_rows<NR>(shared, first_row, row_step, count, window_keys, wk_st, window_values, wv_st, start, stop,      \
+                    windowed - q_len + 1, rb * RPB, rows, q_len, scale_log2, lane, slot, partial_o, partial_ml)
+    if (count == 1) WINDOW_ROWS(1);
+    else if (count == 2) WINDOW_ROWS(2);
+    else if (count <= 4) WINDOW_ROWS(4);
+    else if (count <= 8) WINDOW_ROWS(8);
+#if RPB > 8
+    else WINDOW_ROWS(16);
+#endif
+#undef WINDOW_ROWS
+}
+
 // ---------------------------------------------------------------------------------------------------------------
-// Grid B * kv_heads * rows, THREADS threads: a block merges the splits of one query row (warp w adds splits w,
-// w + WARPS, ..., all of its loads in flight at once; warp 0 adds the warps' sums in a fixed order), rotates the packed
-// part back (unrotate), adds the window part, normalizes and writes out (B, q_heads, q_len, D) contiguous in the query
-// dtype and lse (B, q_heads, q_len) float32 (natural log; -inf and a zero row where nothing is visible).
+// Grid B * kv_heads * rows, THREADS threads: a block merges the partial rows of one query row - the packed segments of
+// its unit, then its window splits (warp w adds splits w, w + WARPS, ..., all of its loads in flight at once; warp 0
+// adds the warps' sums in a fixed order) -, rotates the packed part back (unrotate), adds the window part, normalizes
+// and writes out (B, q_heads, q_len, D) contiguous in the query dtype and lse (B, q_heads, q_len) float32 (natural
+// log; -inf and a zero row where nothing is visible).
 extern "C" __global__ void __launch_bounds__(THREADS) decode_combine(
-    const float* __restrict__ partial_o, const float2* __restrict__ partial_ml, int packed_splits, int splits,
-    int kv_heads, int q_len, int rows, int row_blocks, int unrotate, float hadamard_normalization,
-    in_t* __restrict__ out, float* __restrict__ lse) {
+    const float* __restrict__ partial_o, const float2* __restrict__ partial_ml, int units, int packed_blocks,
+    int unit_steps, int late_blocks, int late_steps, int window_splits, int kv_heads, int q_len, int rows,
+    int row_blocks, int unrotate,
+    float hadamard_normalization, in_t* __restrict__ out, float* __restrict__ lse) {
     __shared__ float parts[2][WARPS][HEAD_DIM];  // packed and window sums of each warp
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    const i64 index = blockIdx.x;
-    const i64 bh = index / rows;
-    const int r = (int)(index % rows), rb = r / RPB;
-    const i64 first = ((bh * row_blocks + rb) * splits) * RPB + r % RPB;  // row of split 0; split s at + s * RPB
+    const int bh = blockIdx.x / rows, r = blockIdx.x % rows, rb = r / RPB;
+    const int u = bh * row_blocks + rb;
+    // the unit's packed segments: those of packed blocks first .. last, at partial indices first + u ...
+    int first = 0, packed_splits = 0;
+    if (unit_steps > 0 && late_blocks == 0 && packed_blocks % units == 0) {  // whole blocks per unit (batch 1)
+        packed_splits = packed_blocks / units;
+        first = u * packed_splits;
+    } else if (unit_steps > 0) {
+        const PackedPartition partition(units, unit_steps, packed_blocks, late_blocks, late_steps);
+        first = partition.block_of(u * unit_steps);
+        packed_splits = partition.block_of((u + 1) * unit_steps - 1) - first + 1;
+    }
+    const int splits = packed_splits + window_splits;
+    const i64 packed_row = ((i64)first + u) * RPB + r % RPB;  // partial row of packed split s: + s * RPB
+    const i64 window_row = ((i64)packed_blocks + units + (i64)u * window_splits - packed_splits) * RPB + r % RPB;
+    auto partial_row = [&](int s) { return (s < packed_splits ? packed_row : window_row) + (i64)s * RPB; };
 
     float m = NEG_INF;
-    for (int s = lane; s < splits; s += WARP) m = fmaxf(m, partial_ml[first + (i64)s * RPB].x);
+    for (int s = lane; s < splits; s += WARP) m = fmaxf(m, partial_ml[partial_row(s)].x);
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
 
@@ -967,7 +1063,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_combine(
     for (int base = 0; base < splits; base += WARP) {
         float factor = 0.f;
         if (base + lane < splits) {
-            const float2 ml = partial_ml[first + (i64)(base + lane) * RPB];
+            const float2 ml = partial_ml[partial_row(base + lane)];
             factor = ml.x == NEG_INF ? 0.f : fast_exp2(ml.x - m);
             sum += ml.y * factor;
         }
@@ -977,7 +1073,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_combine(
             const float f = __shfl_sync(0xffffffffu, factor, k);
             const int s = base + k;
             u32 o[LANE_ELEMENTS];
-            load_words(o, partial_o + (first + (i64)s * RPB) * HEAD_DIM + lane * LANE_ELEMENTS);
+            load_words(o, partial_o + partial_row(s) * HEAD_DIM + lane * LANE_ELEMENTS);
 #pragma unroll
             for (int e = 0; e < LANE_ELEMENTS; ++e) {
                 if (s < packed_splits) packed[e] = fmaf(__uint_as_float(o[e]), f, packed[e]);

@@ -288,23 +288,43 @@ def test_both_window_block_layouts(rng, split_rows, group, q_len, head_dim):
         assert relative_error(cupy.asnumpy(out), reference) <= TOLERANCE[BF16]
 
 
-def test_split_count_leaves_room_for_the_window_blocks():
-    """The split model: at least one step per warp, whole waves of packed blocks, window blocks counted where they
-    would make packed blocks wait for a slot, and the combine's rounds of 32 splits."""
-    from oscar_cupy.cuda_attention import _split_count
+@pytest.mark.parametrize("packed_blocks, late_blocks, late_steps", [(1, 0, 0), (5, 0, 0), (7, 2, 3), (30, 11, 2)])
+def test_packed_blocks_share_the_steps_of_all_units(rng, packed_blocks, late_blocks, late_steps):
+    """The packed blocks share the steps of all units in a row (stream-K): one block for everything, blocks that
+    straddle units, late blocks that take fewer steps (the plan forced each way) - the same attention, with sequences of
+    different lengths and the longest one beyond the plan's."""
+    q, qkv, wk, wv, lengths = make_case(rng, batch=3, kv_heads=2, group=4, packed=(900, 130, 333), window=(20, 7, 40))
+    reference = oc.decode_attention(q, qkv, wk, wv, lengths=lengths)
+    plan = DecodePlan(qkv.config, batch=3, q_heads=8, kv_heads=2, q_len=1, head_dim=128, dtype=BF16, max_packed=700,
+                      max_window=64)
+    plan.packed_blocks, plan.late_blocks, plan.late_steps = packed_blocks, late_blocks, late_steps
+    partial_rows = (packed_blocks + plan.units * (1 + plan.window_splits)) * 8
+    plan.partial_o = cupy.full((partial_rows, 128), cupy.nan, dtype=cupy.float32)
+    plan.partial_ml = cupy.full((partial_rows, 2), cupy.nan, dtype=cupy.float32)
+    poison_memory_pool()
+    out, _ = plan.run(cupy.asarray(q), to_gpu(qkv).arrays(), cupy.asarray(qkv.lengths), cupy.asarray(wk),
+                      cupy.asarray(wv), cupy.asarray(np.asarray(lengths, np.int64)))
+    assert relative_error(cupy.asnumpy(out), reference) <= TOLERANCE[BF16]
 
-    for units, steps in ((8, 128), (8, 1020), (64, 124), (512, 4092)):
-        for window_splits in (0, 1, 2):
-            assert 1 <= _split_count(units, 396, steps, window_splits) <= -(-steps // 4)
-    # batch 64 x 128k of 8 KV heads on 396 block slots: 3 splits in 4 waves (1536 of 1584 slots)
-    assert _split_count(512, 396, 4092, 0) == 3
-    # batch 8 x 4k: 6 splits fill one wave alone (384 blocks); with a window block per unit, 52 of them would wait for
-    # a window block's slot, so 5 (320 + 64 blocks in one wave)
-    assert _split_count(64, 396, 124, 0) == 6
-    assert _split_count(64, 396, 124, 1) == 5
-    # batch 1 x 4k with 4 window splits: 31 splits of one step per warp would leave the combine two rounds of loads
-    # (35 splits); 16 splits of two steps leave it one (20)
-    assert _split_count(8, 396, 124, 4) == 16
+
+def test_packed_block_model():
+    """The launch model: at most one packed block per slot and per step; blocks that start late (after a window block
+    on their slot) take a window block's worth of steps fewer; at batch 1 whole blocks per unit (one segment each)."""
+    from oscar_cupy.cuda_attention import _late_blocks, _packed_blocks
+
+    for units, steps in ((8, 3), (8, 128), (8, 1020), (64, 124), (512, 4092)):
+        for window_splits in (0, 1, 2, 4):
+            assert 1 <= _packed_blocks(units, 396, steps, window_splits) <= min(396, units * steps)
+    # batch 1 x 4k of 8 KV heads with 4 window splits (one window block each): 16 blocks per unit of ~2 steps per warp
+    assert _packed_blocks(8, 396, 124, 4) == 128
+    # 64 window blocks on 396 slots: 332 packed blocks start at once, 64 later with 40 steps (10 per warp) fewer
+    assert _late_blocks(396, 64, 396, 64 * 4092) == (64, 40)
+    assert _late_blocks(332, 64, 396, 64 * 4092) == (0, 0)
+    # 512 window blocks: 116 slots take two, so the last 116 packed blocks start a window block later than the others
+    assert _late_blocks(396, 512, 396, 512 * 124) == (116, 40)
+    # never so few steps that a late block would have none
+    late_blocks, late_steps = _late_blocks(396, 64, 396, 800)
+    assert late_blocks == 0 or (800 + late_steps * late_blocks) // 396 - late_steps >= 1
 
 
 def test_inputs_untouched_and_clear_errors(rng):

@@ -14,7 +14,8 @@ end), only less evenly spread.
 
 Precision: keys and values enter the tensor cores as exact integer codes; the query times the key scales, and the
 probabilities times the value scales, are rounded to float16 (bfloat16 when the scales are bfloat16 or float32);
-products accumulate and the softmax runs in float32. Non-finite queries or window entries are not checked on the GPU
+the window's keys and values enter as they are, the query as a high and a low half in the window's dtype, the window's
+probabilities rounded to that dtype (as in FlashAttention); products accumulate and the softmax runs in float32. Non-finite queries or window entries are not checked on the GPU
 (that would cost a host synchronization per step): they give NaN outputs, never a crash.
 """
 
@@ -91,14 +92,11 @@ class DecodePlan:
         self.unit_steps = -(-max_packed // STEP)
         self.window_splits = -(-max_window // WINDOW_SPLIT)
         self.packed_blocks = _packed_blocks(self.units, slots, self.unit_steps, self.window_splits)
-        # when all blocks fit on the GPU at once even with a window block per window split, the launch lasts as long as
-        # its longest block: the warps of a window block then share one split and split its query rows (decode.cu)
-        self.window_split_rows = self.packed_blocks + self.units * self.window_splits <= slots
         if self.units * self.unit_steps + WARPS * WINDOW_COST * MAX_PACKED_BLOCKS >= 2**31:
             raise ValueError(f"{self.units * self.unit_steps} packed steps of 32 tokens in one launch: the kernels "
                              "count steps in 32 bits; split the batch")
         self.late_blocks, self.late_steps = _late_blocks(
-            self.packed_blocks, self.units * _window_blocks(self.window_splits, self.window_split_rows), slots,
+            self.packed_blocks, self.units * -(-self.window_splits // WARPS), slots,
             self.units * self.unit_steps)
         with cupy.cuda.Device(self.device_id):
             # partial rows: packed segment (block i, unit u) at index i + u, then the window splits of each unit
@@ -140,7 +138,7 @@ class DecodePlan:
         normalization = hadamard_normalization(self.head_dim)
         partition = [np.int32(self.packed_blocks), np.int32(self.unit_steps), np.int32(self.late_blocks),
                      np.int32(self.late_steps)]
-        window_blocks = self.units * _window_blocks(self.window_splits, self.window_split_rows)
+        window_blocks = self.units * -(-self.window_splits // WARPS)  # a 32-token split per warp
         if self.packed_blocks + window_blocks:
             self._partial(
                 (self.packed_blocks + window_blocks,), (THREADS,),
@@ -149,8 +147,8 @@ class DecodePlan:
                  np.int32(0 if norms is None else norms.shape[1]), packed_lengths, np.int32(capacity),
                  *window_args, window_lengths if window_lengths is not None else np.uint64(0),
                  np.int32(self.kv_heads), np.int32(self.q_len), np.int32(self.rows), np.int32(self.row_blocks),
-                 np.int32(self.units), np.int32(config.key_group), *partition, np.int32(self.window_splits),
-                 np.int32(self.window_split_rows), rotate, normalization, scale_log2, self.partial_o, self.partial_ml),
+                 np.int32(self.units), np.int32(config.key_group), *partition, np.int32(self.window_splits), rotate,
+                 normalization, scale_log2, self.partial_o, self.partial_ml),
                 shared_mem=self.shared_bytes,
             )
         total_rows = self.batch * self.kv_heads * self.rows
@@ -210,14 +208,8 @@ def _resident_blocks(function_ptr: int, shared_bytes: int, device_id: int) -> in
 # relative durations of a decode step's parts, fitted to H100 measurements: a packed block costs BLOCK_COST per segment
 # (query prologue, block merge, partial result) plus STEP_COST per 32-token step of each of its warps, a window block
 # (a 32-token split per warp) WINDOW_COST, and the combine COMBINE_COST per 32 partial rows it merges (a round of loads)
-STEP_COST, BLOCK_COST, WINDOW_COST, COMBINE_COST = 1.0, 3.0, 10.0, 3.0
+STEP_COST, BLOCK_COST, WINDOW_COST, COMBINE_COST = 1.0, 3.0, 4.0, 3.0
 MAX_PACKED_BLOCKS = 1023  # decode.cu's PackedPartition divides by the block count through a 32-bit reciprocal
-
-
-def _window_blocks(window_splits: int, split_rows: bool) -> int:
-    """Window blocks per unit: one per window split when its warps share the split's query rows, otherwise one per
-    ``WARPS`` splits (a split per warp)."""
-    return window_splits if split_rows else -(-window_splits // WARPS)
 
 
 def _late_blocks(packed_blocks: int, window_blocks: int, slots: int, total_steps: int) -> tuple[int, int]:
@@ -247,7 +239,7 @@ def _packed_blocks(units: int, slots: int, steps: int, window_splits: int) -> in
     (``COMBINE_COST`` per 32). More blocks shorten them but add segments and the combine's work.
     """
     total = units * steps
-    window_blocks = units * _window_blocks(window_splits, False)
+    window_blocks = units * -(-window_splits // WARPS)
     best, best_time = 0, math.inf
     for blocks in range(1, min(slots, total, MAX_PACKED_BLOCKS) + 1):
         late_blocks, late_steps = _late_blocks(blocks, window_blocks, slots, total)
@@ -256,10 +248,8 @@ def _packed_blocks(units: int, slots: int, steps: int, window_splits: int) -> in
         segments = 1 if aligned else -(-(block_steps - 1) // steps) + 1
         duration = BLOCK_COST * segments + STEP_COST * (-(-block_steps // WARPS) + segments - 1)
         waiting = max(0, window_blocks - max(0, slots - blocks))  # window blocks after packed ones, on every slot
-        # a window block whose warps share one split and split its rows (when all fit at once) takes a quarter
-        window_time = WINDOW_COST / (WARPS if blocks + units * window_splits <= slots else 1) if window_splits else 0
         unit_segments = blocks // units if aligned else -(-blocks // units) + 1
-        time = (max(duration + WINDOW_COST * (waiting // blocks), window_time)
+        time = (max(duration + WINDOW_COST * (waiting // blocks), WINDOW_COST if window_splits else 0)
                 + COMBINE_COST * -(-(unit_segments + window_splits) // 32))
         if time < best_time * 0.99:
             best, best_time = blocks, time

@@ -234,11 +234,13 @@ struct RowState {
 
 struct SharedMemory {
     union {
-        float q[RPB][HEAD_DIM];              // query rows, float32 (staging; the window path reads them)
+        float q[RPB][HEAD_DIM];              // query rows, float32 (staging)
         float o[RPB][HEAD_DIM];              // then the merge of the warps' outputs
     };
-    u32 q_pairs[RPB * Q_ROW_STRIDE];       // packed path: rotated scaled query rows as operand pairs
-    u32 q_code_pairs[RPB * Q_ROW_STRIDE];  // the same times each channel's code factor
+    // packed path: rotated scaled query rows as operand pairs, and the same times each channel's code factor; window
+    // path: unrotated scaled query rows as high and low pairs of the window's dtype (window_query_pairs)
+    u32 q_pairs[RPB * Q_ROW_STRIDE];
+    u32 q_code_pairs[RPB * Q_ROW_STRIDE];
     float row_max[WARPS][RPB], row_sum[WARPS][RPB];
 };
 
@@ -592,17 +594,41 @@ __device__ __forceinline__ void packed_run(const PackedArgs& a, const SharedMemo
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// window path: full-precision keys and values on CUDA cores. A window split is 32 window tokens; a warp takes one
-// split for some of the block's query rows: a lane per token for the logits, then a lane per LANE_ELEMENTS channels
-// for the output. Two ways to lay a window block's warps out (window_split_rows):
-//   * 0: each warp takes its own split (WARPS consecutive splits per block) for all of the block's rows: each token is
-//     read once per block (many window blocks: throughput);
-//   * 1: the warps share one split and split its rows (warp w: rows w, w + WARPS, ...): a warp's work is a quarter of
-//     that (few window blocks, which would otherwise be the launch's critical path: latency).
-// A warp's (split, rows) are its own, so it writes their partial results itself (no merge with the other warps).
+// window path: full-precision keys and values on the tensor cores. A window split is 32 window tokens; a warp takes one
+// split (WARPS consecutive splits per window block) for all of the block's query rows and writes their partial results
+// itself (no merge with the other warps). Same products as the packed path, with the window's float16/bfloat16 keys and
+// values as operands as they are: S^T = K Q^T (tokens as the 16 rows, the lane's quarter of the channels as its part of
+// the reduction, so a lane reads 16-byte runs of its key rows; the query split into a high and a low half, both in the
+// window's dtype, for float32-like logits), then O^T = V^T P^T, the value tiles transposed in registers (movmatrix)
+// from 16-byte loads of value rows.
 
 #define LANE_ELEMENTS (HEAD_DIM / WARP)
 #define WINDOW_SPLIT 32  // window tokens per window split
+
+#if IN_DTYPE == DTYPE_F16
+#define IN_MMA_TYPE "f16"
+#else
+#define IN_MMA_TYPE "bf16"
+#endif
+
+// two floats as a pair of the window's dtype (low half = lo)
+__device__ __forceinline__ u32 pack_in_pair(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn." IN_MMA_TYPE "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// the two halves of a pair of the window's dtype as floats
+__device__ __forceinline__ float2 unpack_in_pair(u32 x) {
+    return make_float2(in_to_f32((in_t)(x & 0xffffu)), in_to_f32((in_t)(x >> 16)));
+}
+
+__device__ __forceinline__ void mma_in(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." IN_MMA_TYPE "." IN_MMA_TYPE ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
 
 // the query position of query row r (of `rows`, q_len positions per query head): it sees the tokens up to
 // (all tokens) - q_len + position; a padding row beyond `rows` takes the last position
@@ -618,91 +644,169 @@ __device__ __forceinline__ void prefetch_row(const in_t* row) {
     prefetch_l2(bytes + HEAD_DIM * sizeof(in_t) - 1);
 }
 
-// Query rows first_row + row_step k (k < NR, of which the first `count` are written) over the window tokens
-// [start, stop), 32 at a time (more than 32 only in the last split of a window longer than the plan's); local row r
-// (query position r % q_len of block row r + row_offset, the last one for padding rows beyond `rows`) sees the window
-// tokens below visible + its position. Writes partial rows `slot` + row. Not inlined: in the kernel's body, its
-// registers change how ptxas allocates the packed loop's (see DECODE_REGISTERS in oscar_cupy/kernels.py).
-template <int NR>
-__device__ __noinline__ void window_rows(const SharedMemory& shared, int first_row, int row_step, int count,
-                                         const in_t* keys, i64 key_stride, const in_t* values, i64 value_stride,
-                                         i64 start, i64 stop, i64 visible, int row_offset, int rows, int q_len,
-                                         float scale_log2, int lane, i64 slot, float* __restrict__ partial_o,
-                                         float2* __restrict__ partial_ml) {
-    i64 end[NR];  // window tokens visible to row k
-#pragma unroll
-    for (int k = 0; k < NR; ++k) {
-        const int r = row_offset + first_row + row_step * k;
-        end[k] = min(stop, visible + query_position(r, rows, q_len));
+// The query rows of the block, unrotated, times scale_log2, as high and low pairs of the window's dtype in the lanes'
+// channel order (shared.q_pairs, shared.q_code_pairs: the packed path's layout), from shared.q.
+__device__ __forceinline__ void window_query_pairs(SharedMemory& shared, float scale_log2) {
+    for (int i = threadIdx.x; i < RPB * HEAD_DIM / 2; i += THREADS) {
+        const int r = i / (HEAD_DIM / 2), c = 2 * (i % (HEAD_DIM / 2));
+        const float x0 = shared.q[r][c] * scale_log2, x1 = shared.q[r][c + 1] * scale_log2;
+        const u32 high = pack_in_pair(x0, x1);
+        const float2 h = unpack_in_pair(high);
+        const int index = r * Q_ROW_STRIDE + (c / LANE_CHANNELS) * Q_LANE_STRIDE + (c % LANE_CHANNELS) / 2;
+        shared.q_pairs[index] = high;
+        shared.q_code_pairs[index] = pack_in_pair(x0 - h.x, x1 - h.y);
     }
-    float o[NR][LANE_ELEMENTS], m[NR], l[NR];
+}
+
+// Window tokens [start, stop) of (sequence, KV head) for all RPB query rows of the block, 32 at a time (more than 32
+// only in the last split of a window longer than the plan's): local row r (query position r % q_len of block row
+// r + row_offset, the last one for padding rows beyond `rows`) sees the window tokens below visible + its position.
+// Writes partial rows `slot` + r for r < block_rows. Not inlined: in the kernel's body, its registers change how ptxas
+// allocates the packed loop's (see DECODE_REGISTERS in oscar_cupy/kernels.py).
+__device__ __noinline__ void window_split(const SharedMemory& shared, const in_t* keys, i64 key_stride,
+                                          const in_t* values, i64 value_stride, i64 start, i64 stop, i64 visible,
+                                          int row_offset, int block_rows, int rows, int q_len, int lane, i64 slot,
+                                          float* __restrict__ partial_o, float2* __restrict__ partial_ml) {
+    const int p = lane % 4, g = lane / 4;
+    i64 end[ROW_TILES][2];  // window tokens visible to the lane's query rows 8 rt + 2p + e
 #pragma unroll
-    for (int k = 0; k < NR; ++k) {
-        m[k] = NEG_INF;
-        l[k] = 0.f;
+    for (int rt = 0; rt < ROW_TILES; ++rt)
 #pragma unroll
-        for (int e = 0; e < LANE_ELEMENTS; ++e) o[k][e] = 0.f;
+        for (int e = 0; e < 2; ++e)
+            end[rt][e] = min(stop, visible + query_position(row_offset + 8 * rt + 2 * p + e, rows, q_len));
+    float row_max[ROW_TILES][2], row_sum[ROW_TILES][2], out[ROW_TILES][VALUE_TILES][4];
+#pragma unroll
+    for (int rt = 0; rt < ROW_TILES; ++rt) {
+        row_max[rt][0] = row_max[rt][1] = NEG_INF;
+        row_sum[rt][0] = row_sum[rt][1] = 0.f;
+#pragma unroll
+        for (int i = 0; i < VALUE_TILES; ++i) out[rt][i][0] = out[rt][i][1] = out[rt][i][2] = out[rt][i][3] = 0.f;
     }
-    for (i64 first = start; first < stop; first += WARP) {
-        const i64 j = first + lane;  // this lane's token for the logits
-        float logit[NR];
+    for (i64 first = start; first < stop; first += STEP) {
+        // ---- S^T: token tile mt, rows g and g + 8 = tokens first + 16 mt + 8 h + g (h = 0, 1); zeros beyond stop
+        float st[ROW_TILES][2][4];
 #pragma unroll
-        for (int k = 0; k < NR; ++k) logit[k] = 0.f;
-        if (j < stop) {
-#pragma unroll 4
-            for (int c = 0; c < HEAD_DIM; c += 8) {
-                u32 raw[4];
-                load_words(raw, keys + j * key_stride + c);
+        for (int mt = 0; mt < 2; ++mt) {
+            u32 words[2][LANE_CHANNELS / 2];
 #pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    const float key = in_to_f32((in_t)(raw[e / 2] >> (16 * (e % 2))));
+            for (int h = 0; h < 2; ++h) {
+                const i64 token = first + 16 * mt + 8 * h + g;
+                if (token < stop) {
+                    load_words(words[h], keys + token * key_stride + p * LANE_CHANNELS);
+                } else {
 #pragma unroll
-                    for (int k = 0; k < NR; ++k)
-                        logit[k] = fmaf(shared.q[first_row + row_step * k][c + e], key, logit[k]);
+                    for (int n = 0; n < LANE_CHANNELS / 2; ++n) words[h][n] = 0u;
+                }
+            }
+#pragma unroll
+            for (int rt = 0; rt < ROW_TILES; ++rt) {
+                st[rt][mt][0] = st[rt][mt][1] = st[rt][mt][2] = st[rt][mt][3] = 0.f;
+                const u32* high = shared.q_pairs + (g + 8 * rt) * Q_ROW_STRIDE + p * Q_LANE_STRIDE;
+                const u32* low = shared.q_code_pairs + (g + 8 * rt) * Q_ROW_STRIDE + p * Q_LANE_STRIDE;
+#pragma unroll
+                for (int j = 0; j < KSTEPS; ++j) {
+                    const u32 a0 = words[0][2 * j], a1 = words[1][2 * j], a2 = words[0][2 * j + 1],
+                              a3 = words[1][2 * j + 1];
+                    mma_in(st[rt][mt], a0, a1, a2, a3, high[2 * j], high[2 * j + 1]);
+                    mma_in(st[rt][mt], a0, a1, a2, a3, low[2 * j], low[2 * j + 1]);
                 }
             }
         }
-        float weight[NR];
+        // ---- online softmax (base 2) of the lane's query rows 8 rt + 2p + e over the 32 tokens (8 lanes share a row)
+        bool rescale = false;
+        float alpha[ROW_TILES][2];
 #pragma unroll
-        for (int k = 0; k < NR; ++k) {
-            const float x = j < end[k] ? logit[k] * scale_log2 : NEG_INF;
-            float mx = x;
+        for (int rt = 0; rt < ROW_TILES; ++rt) {
 #pragma unroll
-            for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-            const float m_new = fmaxf(m[k], mx), m_use = m_new == NEG_INF ? 0.f : m_new;
-            const float alpha = fast_exp2(m[k] - m_use);
-            weight[k] = fast_exp2(x - m_use);
-            l[k] = l[k] * alpha + weight[k];
-            m[k] = m_new;
+            for (int e = 0; e < 2; ++e) {
+                float m = NEG_INF;
 #pragma unroll
-            for (int e = 0; e < LANE_ELEMENTS; ++e) o[k][e] *= alpha;
+                for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const i64 token = first + 16 * mt + 8 * h + g;
+                        float& x = st[rt][mt][2 * h + e];
+                        if (token >= end[rt][e]) x = NEG_INF;
+                        m = fmaxf(m, x);
+                    }
+                const float m_new = fmaxf(row_max[rt][e], group_max(m));
+                const float m_use = m_new == NEG_INF ? 0.f : m_new;
+                alpha[rt][e] = fast_exp2(row_max[rt][e] - m_use);
+                rescale = rescale || alpha[rt][e] != 1.f;
+                row_max[rt][e] = m_new;
+                float sum = 0.f;
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        float& x = st[rt][mt][2 * h + e];
+                        x = fast_exp2(x - m_use);
+                        sum += x;
+                    }
+                row_sum[rt][e] = row_sum[rt][e] * alpha[rt][e] + sum;
+            }
         }
-        const int tokens = (int)min((i64)WARP, stop - first);  // tokens that exist (the rest may hold anything)
-#pragma unroll 8
-        for (int t = 0; t < tokens; ++t) {
-            u32 raw[LANE_ELEMENTS / 2];
-            load_words(raw, values + (first + t) * value_stride + lane * LANE_ELEMENTS);
-            float p[NR];
+        if (__any_sync(0xffffffffu, rescale)) {
 #pragma unroll
-            for (int k = 0; k < NR; ++k) p[k] = __shfl_sync(0xffffffffu, weight[k], t);
+            for (int rt = 0; rt < ROW_TILES; ++rt)
 #pragma unroll
-            for (int e = 0; e < LANE_ELEMENTS; ++e) {
-                const float value = in_to_f32((in_t)(raw[e / 2] >> (16 * (e % 2))));
+                for (int i = 0; i < VALUE_TILES; ++i) {
+                    out[rt][i][0] *= alpha[rt][0]; out[rt][i][1] *= alpha[rt][1];
+                    out[rt][i][2] *= alpha[rt][0]; out[rt][i][3] *= alpha[rt][1];
+                }
+        }
+        // ---- O^T += V^T P^T, k-step mt over tokens first + 16 mt ...: P^T from S^T's fragments transposed; value
+        // tile i holds channels 32 (i / 2) + 8 (r % 8 / 2) + 2 t + r % 2 in its row r, t = 2 (i % 2) + r / 8
 #pragma unroll
-                for (int k = 0; k < NR; ++k) o[k][e] = fmaf(p[k], value, o[k][e]);
+        for (int mt = 0; mt < 2; ++mt) {
+            u32 probs[ROW_TILES][2];
+#pragma unroll
+            for (int rt = 0; rt < ROW_TILES; ++rt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    probs[rt][h] = transpose_pairs(pack_in_pair(st[rt][mt][2 * h], st[rt][mt][2 * h + 1]));
+            u32 v[2][VALUE_BLOCKS][4];  // value rows first + 16 mt + 8 h + g: channels 32 blk + 8p .. + 7
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const i64 token = first + 16 * mt + 8 * h + g;
+#pragma unroll
+                for (int blk = 0; blk < VALUE_BLOCKS; ++blk) {
+                    if (token < stop) {
+                        load_words(v[h][blk], values + token * value_stride + 32 * blk + 8 * p);
+                    } else {
+                        v[h][blk][0] = v[h][blk][1] = v[h][blk][2] = v[h][blk][3] = 0u;
+                    }
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < VALUE_TILES; ++i) {
+                const int blk = i / 2, t = 2 * (i % 2);
+                const u32 a0 = transpose_pairs(v[0][blk][t]), a1 = transpose_pairs(v[0][blk][t + 1]);
+                const u32 a2 = transpose_pairs(v[1][blk][t]), a3 = transpose_pairs(v[1][blk][t + 1]);
+#pragma unroll
+                for (int rt = 0; rt < ROW_TILES; ++rt) mma_in(out[rt][i], a0, a1, a2, a3, probs[rt][0], probs[rt][1]);
             }
         }
     }
+    // ---- partial rows: O^T fragment (row g: channel c0, row g + 8: channel c0 + 2; query rows 2p, 2p + 1)
 #pragma unroll
-    for (int k = 0; k < NR; ++k) {
-        if (k >= count) break;
-        const i64 row = slot + first_row + row_step * k;
-        u32 words[LANE_ELEMENTS];
+    for (int rt = 0; rt < ROW_TILES; ++rt) {
 #pragma unroll
-        for (int e = 0; e < LANE_ELEMENTS; ++e) words[e] = __float_as_uint(o[k][e]);
-        store_words(partial_o + row * HEAD_DIM + lane * LANE_ELEMENTS, words);
-        const float sum = row_sum(l[k], WARP);
-        if (lane == 0) partial_ml[row] = make_float2(m[k], sum);
+        for (int e = 0; e < 2; ++e) {
+            const int row = 8 * rt + 2 * p + e;
+            float sum = row_sum[rt][e];
+#pragma unroll
+            for (int off = 4; off < WARP; off *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+            if (row >= block_rows) continue;
+            float* target = partial_o + (slot + row) * HEAD_DIM;
+#pragma unroll
+            for (int i = 0; i < VALUE_TILES; ++i) {
+                const int c0 = 32 * (i / 2) + 8 * (g / 2) + 4 * (i % 2) + g % 2;
+                target[c0] = out[rt][i][e];
+                target[c0 + 2] = out[rt][i][2 + e];
+            }
+            if (g == 0) partial_ml[slot + row] = make_float2(row_max[rt][e], sum);
+        }
     }
 }
 
@@ -801,8 +905,8 @@ __device__ __forceinline__ void stage_queries(SharedMemory& shared, const in_t* 
 // shared memory, the warps' runs of steps, their merge into partial rows `partial_index`. Not inlined: in the loop of
 // decode_partial over a block's segments, ptxas would allocate the packed loop's registers otherwise (731 instead of
 // 691 SASS instructions per step). ptxas lays a kernel's functions out in the order of their mangled names: this one
-// comes right after the kernel's body, before window_rows (placed after them, at 150 KB, the packed blocks at batch
-// 1 stalled on instruction fetches: 13.3 -> 15.0 us at 1 x 4k).
+// comes right after the kernel's body, before window_split (placed after the former window functions, 150 KB on, the
+// packed blocks at batch 1 stalled on instruction fetches: 13.3 -> 15.0 us at 1 x 4k).
 __device__ __noinline__ void run_segment(
     SharedMemory& shared, StepBuffer* step_buffers, const in_t* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_sl,
     const u32* __restrict__ k_codes, const scale_t* __restrict__ k_scales, const scale_t* __restrict__ k_zeros,
@@ -942,9 +1046,8 @@ __device__ __noinline__ void run_segment(
     }, partial_o, partial_ml);
 }
 
-// Grid (packed_blocks + units * window blocks per unit), THREADS threads: first the packed blocks, then the window
-// blocks (window split s of a unit covers window tokens [32 s, 32 s + 32), the last one to the end;
-// ceil(window_splits / WARPS) blocks per unit, or window_splits with window_split_rows).
+// Grid (packed_blocks + units * ceil(window_splits / WARPS)), THREADS threads: first the packed blocks, then the
+// window blocks (window split s of a unit covers window tokens [32 s, 32 s + 32), the last one to the end).
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial(
     const in_t* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_sl,
     const u32* __restrict__ k_codes, const scale_t* __restrict__ k_scales, const scale_t* __restrict__ k_zeros,
@@ -953,11 +1056,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
     const in_t* __restrict__ window_k, i64 wk_sb, i64 wk_sh, i64 wk_st,
     const in_t* __restrict__ window_v, i64 wv_sb, i64 wv_sh, i64 wv_st, const i64* __restrict__ window_lengths,
     int kv_heads, int q_len, int rows, int row_blocks, int units, int key_group, int packed_blocks, int unit_steps,
-    int late_blocks, int late_steps, int window_splits, int window_split_rows, int rotate, float hadamard_normalization,
-    float scale_log2, float* __restrict__ partial_o, float2* __restrict__ partial_ml) {
+    int late_blocks, int late_steps, int window_splits, int rotate, float hadamard_normalization, float scale_log2,
+    float* __restrict__ partial_o, float2* __restrict__ partial_ml) {
     __shared__ SharedMemory shared;
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    const int window_blocks = window_split_rows ? window_splits : (window_splits + WARPS - 1) / WARPS;  // per unit
+    const int window_blocks = (window_splits + WARPS - 1) / WARPS;  // per unit
     const i64 window_base = (i64)packed_blocks + units;  // partial index of unit 0's window split 0
 
     if (blockIdx.x < (unsigned)packed_blocks) {
@@ -982,14 +1085,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
         return;
     }
 
-    // window block wb of unit u: splits wb * WARPS + warp (window_split_rows 0) or wb (1), 32 window tokens each
+    // window block wb of unit u: split wb * WARPS + warp for each warp, 32 window tokens each
     const int index = blockIdx.x - packed_blocks, u = index / window_blocks, wb = index % window_blocks;
     const int bh = u / row_blocks, rb = u % row_blocks, h = bh % kv_heads;
     const i64 b = bh / kv_heads;
     const i64 windowed = window_lengths[b];
-    const int window_split = window_split_rows ? wb : wb * WARPS + warp;
-    const i64 block_start = (i64)(window_split_rows ? wb : wb * WARPS) * WINDOW_SPLIT;
-    const i64 block_stop = min(windowed, block_start + (window_split_rows ? 1 : WARPS) * WINDOW_SPLIT);
+    const int split = wb * WARPS + warp;
+    const i64 block_start = (i64)wb * WARPS * WINDOW_SPLIT;
+    const i64 block_stop = min(windowed, block_start + WARPS * WINDOW_SPLIT);
     const in_t* window_keys = window_k + b * wk_sb + h * wk_sh;
     const in_t* window_values = window_v + b * wv_sb + h * wv_sh;
     // the block's window rows on their way to L2 while the query rows are staged
@@ -999,25 +1102,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
     }
     stage_queries(shared, q, q_sb, q_sh, q_sl, b, h, rb, rows, q_len);
     __syncthreads();
-    const int block_rows = min(RPB, rows - rb * RPB);  // the block's query rows below `rows` (the rest: padding)
-    const int first_row = window_split_rows ? warp : 0, row_step = window_split_rows ? WARPS : 1;
-    const int count = window_split_rows ? (block_rows - warp + WARPS - 1) / WARPS : block_rows;
-    if (window_split >= window_splits || count <= 0) return;
-    const i64 start = (i64)window_split * WINDOW_SPLIT;
-    const i64 stop = window_split == window_splits - 1 ? windowed : min(windowed, start + WINDOW_SPLIT);
-    const i64 slot = (window_base + (i64)u * window_splits + window_split) * RPB;
-    // the warp's rows, rounded up to 1, 2, 4, 8 or 16 (the extra rows are zero queries, not written)
-#define WINDOW_ROWS(NR)                                                                                              \
-    window_rows<NR>(shared, first_row, row_step, count, window_keys, wk_st, window_values, wv_st, start, stop,      \
-                    windowed - q_len + 1, rb * RPB, rows, q_len, scale_log2, lane, slot, partial_o, partial_ml)
-    if (count == 1) WINDOW_ROWS(1);
-    else if (count == 2) WINDOW_ROWS(2);
-    else if (count <= 4) WINDOW_ROWS(4);
-    else if (count <= 8) WINDOW_ROWS(8);
-#if RPB > 8
-    else WINDOW_ROWS(16);
-#endif
-#undef WINDOW_ROWS
+    window_query_pairs(shared, scale_log2);
+    __syncthreads();
+    if (split >= window_splits) return;
+    const i64 start = (i64)split * WINDOW_SPLIT;
+    const i64 stop = split == window_splits - 1 ? windowed : min(windowed, start + WINDOW_SPLIT);
+    window_split(shared, window_keys, wk_st, window_values, wv_st, start, stop, windowed - q_len + 1, rb * RPB,
+                 min(RPB, rows - rb * RPB), rows, q_len, lane, (window_base + (i64)u * window_splits + split) * RPB,
+                 partial_o, partial_ml);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

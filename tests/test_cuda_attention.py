@@ -268,19 +268,16 @@ def test_plan_sized_for_fewer_tokens_still_reads_everything(rng):
     assert relative_error(cupy.asnumpy(out), reference) <= TOLERANCE[BF16]
 
 
-@pytest.mark.parametrize("split_rows", [False, True])
 @pytest.mark.parametrize("group,q_len,head_dim", [(3, 1, 64), (4, 2, 128), (16, 1, 128), (8, 2, 256)])
-def test_both_window_block_layouts(rng, split_rows, group, q_len, head_dim):
-    """A window block's warps take a 32-token split each for all rows, or share one split and split its rows (the plan
-    picks by the launch size; here forced both ways): the same attention, windows of 1 to 2.5 splits, and windows longer
-    than the plan's (the last split runs to the end)."""
+def test_window_splits_on_tensor_cores(rng, group, q_len, head_dim):
+    """The window's 32-token splits on the tensor cores (a warp each, all query rows of its block): windows of 1 to 2.5
+    splits, one and two row tiles, causal rows, and windows longer than the plan's (the last split runs to the end)."""
     q, qkv, wk, wv, lengths = make_case(rng, group=group, q_len=q_len, head_dim=head_dim, packed=(200, 96),
                                         window=(80, 1))
     reference = oc.decode_attention(q, qkv, wk, wv, lengths=lengths)
     for max_window in (96, 32):
         plan = DecodePlan(qkv.config, batch=2, q_heads=2 * group, kv_heads=2, q_len=q_len, head_dim=head_dim,
                           dtype=BF16, max_packed=200, max_window=max_window)
-        plan.window_split_rows = split_rows
         poison_memory_pool()
         plan.partial_o.fill(cupy.nan)
         out, _ = plan.run(cupy.asarray(q), to_gpu(qkv).arrays(), cupy.asarray(qkv.lengths), cupy.asarray(wk),
@@ -308,8 +305,9 @@ def test_packed_blocks_share_the_steps_of_all_units(rng, packed_blocks, late_blo
 
 
 def test_packed_block_model():
-    """The launch model: at most one packed block per slot and per step; blocks that start late (after a window block
-    on their slot) take a window block's worth of steps fewer; at batch 1 whole blocks per unit (one segment each)."""
+    """The launch model: at most one packed block per slot and per step; the last packed blocks, whose slots take the
+    window blocks that find no free slot, take a window block's worth of steps fewer; at batch 1 whole blocks per unit
+    (one segment each)."""
     from oscar_cupy.cuda_attention import _late_blocks, _packed_blocks
 
     for units, steps in ((8, 3), (8, 128), (8, 1020), (64, 124), (512, 4092)):
@@ -317,11 +315,11 @@ def test_packed_block_model():
             assert 1 <= _packed_blocks(units, 396, steps, window_splits) <= min(396, units * steps)
     # batch 1 x 4k of 8 KV heads with 4 window splits (one window block each): 16 blocks per unit of ~2 steps per warp
     assert _packed_blocks(8, 396, 124, 4) == 128
-    # 64 window blocks on 396 slots: 332 packed blocks start at once, 64 later with 40 steps (10 per warp) fewer
-    assert _late_blocks(396, 64, 396, 64 * 4092) == (64, 40)
+    # 64 window blocks after 396 packed blocks: the last 64 packed blocks take 16 steps (4 per warp) fewer
+    assert _late_blocks(396, 64, 396, 64 * 4092) == (64, 16)
     assert _late_blocks(332, 64, 396, 64 * 4092) == (0, 0)
-    # 512 window blocks: 116 slots take two, so the last 116 packed blocks start a window block later than the others
-    assert _late_blocks(396, 512, 396, 512 * 124) == (116, 40)
+    # 512 window blocks after 396 packed blocks: 116 slots take two, so the last 116 packed blocks are the shorter ones
+    assert _late_blocks(396, 512, 396, 512 * 124) == (116, 16)
     # never so few steps that a late block would have none
     late_blocks, late_steps = _late_blocks(396, 64, 396, 800)
     assert late_blocks == 0 or (800 + late_steps * late_blocks) // 396 - late_steps >= 1

@@ -846,10 +846,11 @@ __device__ __forceinline__ void merge_and_store(SharedMemory& shared, int warp, 
 // The work of a launch. A unit is one (sequence, KV head, row block): u = (b * kv_heads + h) * row_blocks + rb, of
 // `units`. Its packed part is unit_steps 32-token steps (the plan's longest sequence; a shorter sequence's steps beyond
 // its end are empty, and the unit's last step runs to its end where a sequence is longer than the plan). The packed
-// blocks come first in the grid and share the steps of all units in a row, T = units * unit_steps of them (stream-K):
-// block i takes steps [start(i), start(i + 1)), as one segment per unit it touches. The window blocks come last; those
-// that find no free slot take the slots of the last late_blocks packed blocks, which take late_steps steps fewer than
-// the others for it (PackedPartition; every block holds at least one step). Segment (i, u) writes its partial rows at
+// blocks share the steps of all units in a row, T = units * unit_steps of them (stream-K): block i takes steps
+// [start(i), start(i + 1)), as one segment per unit it touches. The last late_blocks packed blocks take late_steps
+// steps fewer than the others (PackedPartition; every block holds at least one step): with the window blocks after
+// the packed ones, their slots take the window blocks that find no free slot; with the window blocks first, they are
+// the packed blocks that wait for a window block's slot. Segment (i, u) writes its partial rows at
 // index i + u (unique: from one segment of the blocks to the next, i or u grows), window split w of unit u at index
 // packed_blocks + units + u * window_splits + w. Index n, block row r: row n * RPB + r of partial_o (unnormalized
 // float32, rotated basis for packed segments) and partial_ml (base-2 max, sum), for the rows below `rows` (the others
@@ -1046,8 +1047,9 @@ __device__ __noinline__ void run_segment(
     }, partial_o, partial_ml);
 }
 
-// Grid (packed_blocks + units * ceil(window_splits / WARPS)), THREADS threads: first the packed blocks, then the
-// window blocks (window split s of a unit covers window tokens [32 s, 32 s + 32), the last one to the end).
+// Grid (packed_blocks + units * ceil(window_splits / WARPS)), THREADS threads: the packed blocks, then the window
+// blocks (window split s of a unit covers window tokens [32 s, 32 s + 32), the last one to the end), or the window
+// blocks first (windows_first).
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial(
     const in_t* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_sl,
     const u32* __restrict__ k_codes, const scale_t* __restrict__ k_scales, const scale_t* __restrict__ k_zeros,
@@ -1056,17 +1058,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
     const in_t* __restrict__ window_k, i64 wk_sb, i64 wk_sh, i64 wk_st,
     const in_t* __restrict__ window_v, i64 wv_sb, i64 wv_sh, i64 wv_st, const i64* __restrict__ window_lengths,
     int kv_heads, int q_len, int rows, int row_blocks, int units, int key_group, int packed_blocks, int unit_steps,
-    int late_blocks, int late_steps, int window_splits, int rotate, float hadamard_normalization, float scale_log2,
-    float* __restrict__ partial_o, float2* __restrict__ partial_ml) {
+    int late_blocks, int late_steps, int window_splits, int windows_first, int rotate, float hadamard_normalization,
+    float scale_log2, float* __restrict__ partial_o, float2* __restrict__ partial_ml) {
     __shared__ SharedMemory shared;
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const int window_blocks = (window_splits + WARPS - 1) / WARPS;  // per unit
+    const int window_grid = units * window_blocks;                   // window blocks of the launch
     const i64 window_base = (i64)packed_blocks + units;  // partial index of unit 0's window split 0
 
-    if (blockIdx.x < (unsigned)packed_blocks) {
+    if (windows_first ? blockIdx.x >= (unsigned)window_grid : blockIdx.x < (unsigned)packed_blocks) {
         // ---- packed block i: its steps of the units, one segment per unit
         const PackedPartition partition(units, unit_steps, packed_blocks, late_blocks, late_steps);
-        const int i = blockIdx.x;
+        const int i = blockIdx.x - (windows_first ? window_grid : 0);
         const int block_start_step = partition.start(i), block_stop_step = partition.start(i + 1);
         // STAGES per warp, 128-byte aligned: the copies of a warp fill whole 128-byte lines of shared memory (a base 16
         // bytes off, as a static shared size of 11536 bytes gives, measured 5-9% slower)
@@ -1086,7 +1089,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
     }
 
     // window block wb of unit u: split wb * WARPS + warp for each warp, 32 window tokens each
-    const int index = blockIdx.x - packed_blocks, u = index / window_blocks, wb = index % window_blocks;
+    const int index = blockIdx.x - (windows_first ? 0 : packed_blocks), u = index / window_blocks,
+              wb = index % window_blocks;
     const int bh = u / row_blocks, rb = u % row_blocks, h = bh % kv_heads;
     const i64 b = bh / kv_heads;
     const i64 windowed = window_lengths[b];

@@ -15,8 +15,9 @@ end), only less evenly spread.
 Precision: keys and values enter the tensor cores as exact integer codes; the query times the key scales, and the
 probabilities times the value scales, are rounded to float16 (bfloat16 when the scales are bfloat16 or float32);
 the window's keys and values enter as they are, the query as a high and a low half in the window's dtype, the window's
-probabilities rounded to that dtype (as in FlashAttention); products accumulate and the softmax runs in float32. Non-finite queries or window entries are not checked on the GPU
-(that would cost a host synchronization per step): they give NaN outputs, never a crash.
+probabilities rounded to that dtype (as in FlashAttention); products accumulate and the softmax runs in float32.
+Non-finite queries or window entries are not checked on the GPU (that would cost a host synchronization per step):
+they give NaN outputs, never a crash.
 """
 
 from __future__ import annotations

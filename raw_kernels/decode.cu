@@ -1081,9 +1081,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
             const int stop_step = min(block_stop_step - u * unit_steps, unit_steps);
             x += stop_step - first_step;
             run_segment(shared, step_buffers, q, q_sb, q_sh, q_sl, k_codes, k_scales, k_zeros, v_codes, v_scales,
-                           v_zeros, norms, norm_heads, packed_lengths, capacity, window_lengths, kv_heads, q_len, rows,
-                           row_blocks, key_group, unit_steps, rotate, hadamard_normalization, scale_log2, u, first_step,
-                           stop_step, (i64)i + u, partial_o, partial_ml);
+                        v_zeros, norms, norm_heads, packed_lengths, capacity, window_lengths, kv_heads, q_len, rows,
+                        row_blocks, key_group, unit_steps, rotate, hadamard_normalization, scale_log2, u, first_step,
+                        stop_step, (i64)i + u, partial_o, partial_ml);
         }
         return;
     }

@@ -30,7 +30,8 @@ CONTRACTED = ("decode",)  # modules free to fuse multiply-adds (not bit-exact de
 HADAMARD_SIZES = (16, 32, 64, 128, 256)
 # decode: the register budget of decode_partial's launch bounds (3 blocks of 128 threads per SM for ROW_TILES 1, 2 for
 # ROW_TILES 2), also given as --maxrregcount. Without it (or with the window path inlined) the compiler recomputes the
-# packed loop's lane offsets and constants in every step: 743-748 instead of 686 instructions (sm_90).
+# packed loop's lane offsets and constants in every step: 743-748 instead of 686 instructions (sm_90, measured
+# before the stream-K rework; the loop is 691 now).
 DECODE_REGISTERS = {1: 168, 2: 255}
 
 

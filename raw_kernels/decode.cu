@@ -84,26 +84,6 @@ __device__ __forceinline__ void load_words(u32 (&out)[N], const void* source) {
     }
 }
 
-// N consecutive 32-bit words from registers to 4 * N-byte aligned global memory
-template <int N>
-__device__ __forceinline__ void store_words(void* target, const u32 (&in)[N]) {
-    if constexpr (N % 4 == 0) {
-#pragma unroll
-        for (int i = 0; i < N / 4; ++i) {
-            Vec4 v;
-#pragma unroll
-            for (int k = 0; k < 4; ++k) v.w[k] = in[4 * i + k];
-            reinterpret_cast<Vec4*>(target)[i] = v;
-        }
-    } else {
-        static_assert(N == 2, "store_words takes 2 or a multiple of 4 words");
-        Vec2 v;
-        v.w[0] = in[0];
-        v.w[1] = in[1];
-        *reinterpret_cast<Vec2*>(target) = v;
-    }
-}
-
 // two floats as one operand pair (low half = lo)
 __device__ __forceinline__ u32 pack_pair(float lo, float hi) {
     u32 r;

@@ -231,7 +231,7 @@ def measure(model, cache_name: str, batch: int, context: int, steps: int, device
     return row
 
 
-KERNEL_KINDS = (("attention", ("decode_partial", "decode_combine", "flash", "fmha", "attention", "sdpa", "softmax")),
+KERNEL_KINDS = (("attention", ("decode_attention", "flash", "fmha", "attention", "sdpa", "softmax")),
                 ("cache writes", ("quantize", "pack", "copy", "memcpy", "memset", "cat", "index", "scatter", "fill")))
 
 

@@ -1,10 +1,11 @@
 """The CUDA decode attention over a packed cache and a full-precision window (``raw_kernels/decode.cu``).
 
-Two launches per call: ``decode_partial`` (split-KV: window blocks each read window splits of 32 tokens, and packed
+One launch of ``decode_attention`` per call: split-KV, window blocks each read window splits of 32 tokens, and packed
 blocks share the packed steps of all (sequence, KV head, row block) units evenly, stream-K, each writing a partial
-result per unit it touches: unnormalized outputs for up to 16 query rows of one KV head with their log-sum-exp
-statistics) and ``decode_combine`` (merges a unit's partial results exactly, rotates the packed part back, adds the
-window part). Nothing dequantized is ever written to memory.
+result per unit it touches (unnormalized outputs for up to 16 query rows of one KV head with their log-sum-exp
+statistics) and counting it in the unit's counter of the workspace; the last blocks of the grid, one per unit, wait for
+their unit's count, merge its partial results exactly, rotate the packed part back, add the window part and write the
+outputs. Nothing dequantized is ever written to memory.
 
 :class:`DecodePlan` is the plan/run split: a plan fixes the shapes, chooses the packed block count from the GPU's
 resident blocks and the longest sequence (:func:`_packed_blocks`), and owns a reusable workspace and output, so
@@ -51,6 +52,8 @@ class DecodePlan:
         max_window: window tokens of the longest window the plan is sized for (0: no window).
         device_id: the CUDA device (default: the current one).
         scale: softmax scale (default ``1 / sqrt(head_dim)``).
+
+    The runs of one plan share its workspace: issue them on one stream (or order them), as a CUDA graph does.
     """
 
     def __init__(self, config: QuantConfig, *, batch: int, q_heads: int, kv_heads: int, q_len: int, head_dim: int,
@@ -83,31 +86,31 @@ class DecodePlan:
         stage_bytes = kernels.decode_stage_bytes(head_dim, config.bits, config.scale_dtype, config.value_group)
         self.shared_bytes = WARPS * kernels.decode_stages(stage_bytes) * stage_bytes  # the copy pipeline's buffers
         with cupy.cuda.Device(self.device_id):
-            self._partial = kernels.function(variant, "decode_partial", self.device_id)
+            self._kernel = kernels.function(variant, "decode_attention", self.device_id)
             cupy.cuda.driver.funcSetAttribute(
-                self._partial.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, self.shared_bytes
+                self._kernel.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, self.shared_bytes
             )
-            slots = _resident_blocks(self._partial.ptr, self.shared_bytes, self.device_id)
-            self._combine = kernels.function(variant, "decode_combine", self.device_id)
+            slots = _resident_blocks(self._kernel.ptr, self.shared_bytes, self.device_id)
         self.units = batch * kv_heads * self.row_blocks  # (sequence, KV head, row block) triples
         self.unit_steps = -(-max_packed // STEP)
         self.window_splits = -(-max_window // WINDOW_SPLIT)
         # the window blocks' place in the grid, measured on the H100: after the packed blocks, INT2 launches were 2-10%
         # faster (32 x 16k, 64 x 4k, 8 x 32k); before them, INT4 launches 2-3% faster (32 x 32k, 64 x 16k-32k)
         self.windows_first = config.bits == 4
+        self.window_blocks = _window_blocks(self.units, self.window_splits)
         self.packed_blocks = _packed_blocks(self.units, slots, self.unit_steps, self.window_splits,
                                             self.windows_first)
         if self.units * self.unit_steps + WARPS * WINDOW_COST * MAX_PACKED_BLOCKS >= 2**31:
             raise ValueError(f"{self.units * self.unit_steps} packed steps of 32 tokens in one launch: the kernels "
                              "count steps in 32 bits; split the batch")
         self.late_blocks, self.late_steps = _late_blocks(
-            self.packed_blocks, self.units * -(-self.window_splits // WARPS), slots, self.units * self.unit_steps,
-            self.windows_first)
+            self.packed_blocks, self.window_blocks, slots, self.units * self.unit_steps, self.windows_first)
         with cupy.cuda.Device(self.device_id):
             # partial rows: packed segment (block i, unit u) at index i + u, then the window splits of each unit
             partial_rows = (self.packed_blocks + self.units * (1 + self.window_splits)) * rows_per_block
             self.partial_o = cupy.empty((partial_rows, head_dim), dtype=cupy.float32)
             self.partial_ml = cupy.empty((partial_rows, 2), dtype=cupy.float32)
+            self.unit_counts = cupy.zeros(self.units, dtype=cupy.int32)  # zero between launches (decode.cu)
             self.out = cupy.empty((batch, q_heads, q_len, head_dim), dtype=self.dtype)
             self.lse = cupy.empty((batch, q_heads, q_len), dtype=cupy.float32)
 
@@ -140,28 +143,19 @@ class DecodePlan:
             window_args = [window_k, *k_strides, window_v, *v_strides]
         scale_log2 = np.float32(self.scale * math.log2(math.e))
         rotate = np.int32(isinstance(config.rotation, str) and config.rotation == "hadamard")
-        normalization = hadamard_normalization(self.head_dim)
-        partition = [np.int32(self.packed_blocks), np.int32(self.unit_steps), np.int32(self.late_blocks),
-                     np.int32(self.late_steps)]
-        window_blocks = self.units * -(-self.window_splits // WARPS)  # a 32-token split per warp
-        if self.packed_blocks + window_blocks:
-            self._partial(
-                (self.packed_blocks + window_blocks,), (THREADS,),
-                (q, *q_strides, arrays["k_codes"], arrays["k_scales"], arrays["k_zeros"], arrays["v_codes"],
-                 arrays["v_scales"], arrays["v_zeros"], norms if norms is not None else np.uint64(0),
-                 np.int32(0 if norms is None else norms.shape[1]), packed_lengths, np.int32(capacity),
-                 *window_args, window_lengths if window_lengths is not None else np.uint64(0),
-                 np.int32(self.kv_heads), np.int32(self.q_len), np.int32(self.rows), np.int32(self.row_blocks),
-                 np.int32(self.units), np.int32(config.key_group), *partition, np.int32(self.window_splits),
-                 np.int32(self.windows_first), rotate, normalization, scale_log2, self.partial_o, self.partial_ml),
-                shared_mem=self.shared_bytes,
-            )
-        total_rows = self.batch * self.kv_heads * self.rows
-        self._combine(
-            (total_rows,), (THREADS,),
-            (self.partial_o, self.partial_ml, np.int32(self.units), *partition, np.int32(self.window_splits),
+        self._kernel(
+            (self.packed_blocks + self.window_blocks + self.units,), (THREADS,),
+            (q, *q_strides, arrays["k_codes"], arrays["k_scales"], arrays["k_zeros"], arrays["v_codes"],
+             arrays["v_scales"], arrays["v_zeros"], norms if norms is not None else np.uint64(0),
+             np.int32(0 if norms is None else norms.shape[1]), packed_lengths, np.int32(capacity),
+             *window_args, window_lengths if window_lengths is not None else np.uint64(0),
              np.int32(self.kv_heads), np.int32(self.q_len), np.int32(self.rows), np.int32(self.row_blocks),
-             np.int32(rotate and config.rotate_values), normalization, out, self.lse),
+             np.int32(self.units), np.int32(config.key_group), np.int32(self.packed_blocks),
+             np.int32(self.unit_steps), np.int32(self.late_blocks), np.int32(self.late_steps),
+             np.int32(self.window_splits), np.int32(self.windows_first), rotate,
+             np.int32(rotate and config.rotate_values), hadamard_normalization(self.head_dim), scale_log2,
+             self.partial_o, self.partial_ml, self.unit_counts, out, self.lse),
+            shared_mem=self.shared_bytes,
         )
         return out, self.lse
 
@@ -198,7 +192,7 @@ class PlanCache:
 
 @functools.lru_cache(maxsize=None)
 def _resident_blocks(function_ptr: int, shared_bytes: int, device_id: int) -> int:
-    """Blocks of the ``decode_partial`` function at ``function_ptr`` that the whole GPU holds at once (registers and
+    """Blocks of the ``decode_attention`` function at ``function_ptr`` that the whole GPU holds at once (registers and
     shared memory permitting)."""
     attributes = cupy.cuda.Device(device_id).attributes
     registers = -(-cupy.cuda.driver.funcGetAttribute(FUNC_NUM_REGS, function_ptr) // 8) * 8 * THREADS
@@ -212,7 +206,7 @@ def _resident_blocks(function_ptr: int, shared_bytes: int, device_id: int) -> in
 
 # relative durations of a decode step's parts, fitted to H100 measurements: a packed block costs BLOCK_COST per segment
 # (query prologue, block merge, partial result) plus STEP_COST per 32-token step of each of its warps, a window block
-# (a 32-token split per warp) WINDOW_COST, and the combine COMBINE_COST per 32 partial rows it merges (a round of loads)
+# (a 32-token split per warp) WINDOW_COST, and a unit's merge COMBINE_COST per 32 partial rows (a round of loads)
 STEP_COST, BLOCK_COST, WINDOW_COST, COMBINE_COST = 1.0, 3.0, 4.0, 3.0
 MAX_PACKED_BLOCKS = 1023  # decode.cu's PackedPartition divides by the block count through a 32-bit reciprocal
 
@@ -237,6 +231,11 @@ def _late_blocks(packed_blocks: int, window_blocks: int, slots: int, total_steps
     return (late_blocks, late_steps) if late_steps > 0 else (0, 0)
 
 
+def _window_blocks(units: int, window_splits: int) -> int:
+    """Window blocks of a launch: WARPS window splits (32 tokens, one per warp) per block, for each unit."""
+    return units * -(-window_splits // WARPS)
+
+
 @functools.lru_cache(maxsize=1024)  # the layers of a model plan the same shapes at every flush
 def _packed_blocks(units: int, slots: int, steps: int, window_splits: int, windows_first: bool) -> int:
     """Packed blocks of a launch (they share the ``units * steps`` packed steps evenly, decode.cu): the count with the
@@ -247,11 +246,11 @@ def _packed_blocks(units: int, slots: int, steps: int, window_splits: int, windo
     splits each (in window blocks of WARPS splits); ``slots`` blocks fit on the GPU at once. Estimate: a packed block
     costs ``BLOCK_COST`` per unit it touches plus ``STEP_COST`` per step of a warp, a window block ``WINDOW_COST``;
     the window blocks take the slots before or after the packed blocks (``windows_first``), the late blocks
-    (:func:`_late_blocks`) ending with the others; then the combine merges each unit's segments and window splits
-    (``COMBINE_COST`` per 32). More blocks shorten them but add segments and the combine's work.
+    (:func:`_late_blocks`) ending with the others; then each unit's merge block adds its segments and window splits
+    (``COMBINE_COST`` per 32). More blocks shorten them but add segments and the merges' work.
     """
     total = units * steps
-    window_blocks = units * -(-window_splits // WARPS)
+    window_blocks = _window_blocks(units, window_splits)
     best, best_time = 0, math.inf
     for blocks in range(1, min(slots, total, MAX_PACKED_BLOCKS) + 1):
         late_blocks, late_steps = _late_blocks(blocks, window_blocks, slots, total, windows_first)

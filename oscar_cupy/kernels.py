@@ -28,7 +28,7 @@ DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
 OPTIONS = ("-std=c++17", "--fmad=false", "-default-device")
 CONTRACTED = ("decode",)  # modules free to fuse multiply-adds (not bit-exact definitions, float tolerance)
 HADAMARD_SIZES = (16, 32, 64, 128, 256)
-# decode: the register budget of decode_partial's launch bounds (3 blocks of 128 threads per SM for ROW_TILES 1, 2 for
+# decode: the register budget of decode_attention's launch bounds (3 blocks of 128 threads per SM for ROW_TILES 1, 2 for
 # ROW_TILES 2), also given as --maxrregcount. Without it (or with the window path inlined) the compiler recomputes the
 # packed loop's lane offsets and constants in every step: 743-748 instead of 686 instructions (sm_90, measured
 # before the stream-K rework; the loop is 691 now).

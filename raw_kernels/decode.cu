@@ -1,6 +1,6 @@
-// Decode attention straight from the packed cache (oscar_cupy/layout.py) and the full-precision window: split-KV
-// partial results (decode_partial) merged by a combine step (decode_combine). The CPU definition is
-// oscar_cupy/attention.py (decode_attention); nothing here writes a dequantized cache anywhere.
+// Decode attention straight from the packed cache (oscar_cupy/layout.py) and the full-precision window in one launch
+// (decode_attention): split-KV partial results, merged by one block per unit at the end of the grid. The CPU
+// definition is oscar_cupy/attention.py (decode_attention); nothing here writes a dequantized cache anywhere.
 //
 // Compile-time parameters: HEAD_DIM (64, 128, 256), BITS (2, 4), IN_DTYPE (q and window: float16 or bfloat16),
 // SCALE_DTYPE, VALUE_GROUP (32, 64, 128), ROW_TILES (1: up to 8 query rows per KV head and block, 2: up to 16) and
@@ -15,7 +15,7 @@
 // sum_t p_t v_tc = sum_t (p_t s_t) c_tc + sum_t p_t z_t: the value scales are folded into the probabilities and the
 // zeros into a second small product. Codes become tensor-core operands with one lop3 per pair (the magic-number trick,
 // see code_pair: MAGIC + code * 2^k exactly, the 2^-k folded into the other operand, MAGIC times that operand's sum
-// subtracted after the product). The query is rotated inside the kernel; the combine rotates the packed part back.
+// subtracted after the product). The query is rotated inside the kernel; the merge rotates the packed part back.
 //
 // Fragments (mma.m16n8k16, p = lane % 4, g = lane / 4). S = Q' C^T: A = Q' (16 rows x 16 channels), B = key codes
 // (16 channels x 8 tokens). O^T = V^T P^T: A = value codes (16 channels x 16 tokens), B = P^T (16 tokens x 8 rows), so
@@ -646,7 +646,8 @@ __device__ __forceinline__ void window_query_pairs(SharedMemory& shared, float s
 __device__ __noinline__ void window_split(const SharedMemory& shared, const in_t* keys, i64 key_stride,
                                           const in_t* values, i64 value_stride, i64 start, i64 stop, i64 visible,
                                           int row_offset, int block_rows, int rows, int q_len, int lane, i64 slot,
-                                          float* __restrict__ partial_o, float2* __restrict__ partial_ml) {
+                                          float* __restrict__ partial_o, float2* __restrict__ partial_ml,
+                                          int* __restrict__ unit_count) {
     const int p = lane % 4, g = lane / 4;
     i64 end[ROW_TILES][2];  // window tokens visible to the lane's query rows 8 rt + 2p + e
 #pragma unroll
@@ -788,6 +789,9 @@ __device__ __noinline__ void window_split(const SharedMemory& shared, const in_t
             if (g == 0) partial_ml[slot + row] = make_float2(row_max[rt][e], sum);
         }
     }
+    __threadfence();
+    __syncwarp();
+    if (lane == 0) atomicAdd(unit_count, 1);  // the warp's partial rows are written
 }
 
 // the block's partial result: the warps' softmax statistics are in shared.row_max/row_sum; each warp adds its rows,
@@ -884,7 +888,7 @@ __device__ __forceinline__ void stage_queries(SharedMemory& shared, const in_t* 
 
 // Segment [first_step, stop_step) of unit u's packed steps (see above) by one packed block: its query rows rotated into
 // shared memory, the warps' runs of steps, their merge into partial rows `partial_index`. Not inlined: in the loop of
-// decode_partial over a block's segments, ptxas would allocate the packed loop's registers otherwise (731 instead of
+// decode_attention over a block's segments, ptxas would allocate the packed loop's registers otherwise (731 instead of
 // 691 SASS instructions per step). ptxas lays a kernel's functions out in the order of their mangled names: this one
 // comes right after the kernel's body, before window_split (placed after the former window functions, 150 KB on, the
 // packed blocks at batch 1 stalled on instruction fetches: 13.3 -> 15.0 us at 1 x 4k).
@@ -895,7 +899,7 @@ __device__ __noinline__ void run_segment(
     const float* __restrict__ norms, int norm_heads, const i64* __restrict__ packed_lengths, int capacity,
     const i64* __restrict__ window_lengths, int kv_heads, int q_len, int rows, int row_blocks, int key_group,
     int unit_steps, int rotate, float hadamard_normalization, float scale_log2, int u, int first_step, int stop_step,
-    i64 partial_index, float* __restrict__ partial_o, float2* __restrict__ partial_ml) {
+    i64 partial_index, float* __restrict__ partial_o, float2* __restrict__ partial_ml, int* __restrict__ unit_count) {
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     StepBuffer* buffers = step_buffers + warp * STAGES;
 
@@ -1025,12 +1029,115 @@ __device__ __noinline__ void run_segment(
             }
         }
     }, partial_o, partial_ml);
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) atomicAdd(unit_count, 1);  // the block's partial rows are written
 }
 
-// Grid (packed_blocks + units * ceil(window_splits / WARPS)), THREADS threads: the packed blocks, then the window
-// blocks (window split s of a unit covers window tokens [32 s, 32 s + 32), the last one to the end), or the window
-// blocks first (windows_first).
-extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial(
+// The partial results of unit u: `packed` segments at partial indices first + u, first + u + 1, ... (those of packed
+// blocks first ... first + packed - 1), then its window splits
+struct UnitParts {
+    int first, packed;
+
+    __device__ UnitParts(int units, int unit_steps, int packed_blocks, int late_blocks, int late_steps, int u) {
+        first = packed = 0;
+        if (unit_steps > 0 && late_blocks == 0 && packed_blocks % units == 0) {  // whole blocks per unit (batch 1)
+            packed = packed_blocks / units;
+            first = u * packed;
+        } else if (unit_steps > 0) {
+            const PackedPartition partition(units, unit_steps, packed_blocks, late_blocks, late_steps);
+            first = partition.block_of(u * unit_steps);
+            packed = partition.block_of((u + 1) * unit_steps - 1) - first + 1;
+        }
+    }
+};
+
+__device__ __forceinline__ int load_acquire(const int* address) {
+    int value;
+    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(value) : "l"(address) : "memory");
+    return value;
+}
+
+// N words as load_words, through L2 (ld.global.cg): partial results that other blocks of the launch wrote
+template <int N>
+__device__ __forceinline__ void load_words_l2(u32 (&out)[N], const void* source) {
+    if constexpr (N % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < N / 4; ++i) {
+            const uint4 v = __ldcg(reinterpret_cast<const uint4*>(source) + i);
+            out[4 * i] = v.x; out[4 * i + 1] = v.y; out[4 * i + 2] = v.z; out[4 * i + 3] = v.w;
+        }
+    } else {
+        static_assert(N == 2, "load_words_l2 takes 2 or a multiple of 4 words");
+        const uint2 v = __ldcg(reinterpret_cast<const uint2*>(source));
+        out[0] = v.x; out[1] = v.y;
+    }
+}
+
+// The outputs of unit u from its partial results (UnitParts), by the unit's merge block: warp w merges the block's
+// query rows w, w + WARPS, ... - the packed segments' and then the window splits' partial rows in a fixed order, each
+// lane reading every split's statistics -, rotates the packed part back (unrotate), adds the window part,
+// normalizes and writes out (B, q_heads, q_len, D) contiguous in the query dtype and lse (B, q_heads, q_len) float32
+// (natural log; -inf and a zero row where nothing is visible). Not inlined: its name places it after the window
+// function, away from the packed blocks' instructions.
+__device__ __noinline__ void write_unit_outputs(const float* __restrict__ partial_o,
+                                                const float2* __restrict__ partial_ml, const UnitParts& parts, int u,
+                                                int units, int packed_blocks, int window_splits, int kv_heads,
+                                                int q_len, int rows, int row_blocks, int unrotate,
+                                                float hadamard_normalization, in_t* __restrict__ out,
+                                                float* __restrict__ lse) {
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int bh = u / row_blocks, rb = u % row_blocks, block_rows = min(RPB, rows - rb * RPB);
+    const int splits = parts.packed + window_splits;
+    for (int local = warp; local < block_rows; local += WARPS) {
+        const i64 packed_row = ((i64)parts.first + u) * RPB + local;  // partial row of packed split s: + s * RPB
+        const i64 window_row = ((i64)packed_blocks + units + (i64)u * window_splits - parts.packed) * RPB + local;
+        auto partial_row = [&](int s) { return (s < parts.packed ? packed_row : window_row) + (i64)s * RPB; };
+
+        float m = NEG_INF;
+        for (int s = lane; s < splits; s += WARP) m = fmaxf(m, __ldcg(partial_ml + partial_row(s)).x);
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+
+        float packed[LANE_ELEMENTS], window[LANE_ELEMENTS], sum = 0.f;
+#pragma unroll
+        for (int e = 0; e < LANE_ELEMENTS; ++e) packed[e] = window[e] = 0.f;
+#pragma unroll 8
+        for (int s = 0; s < splits; ++s) {
+            const i64 row = partial_row(s);
+            const float2 ml = __ldcg(partial_ml + row);
+            u32 o[LANE_ELEMENTS];
+            load_words_l2(o, partial_o + row * HEAD_DIM + lane * LANE_ELEMENTS);
+            const float factor = ml.x == NEG_INF ? 0.f : fast_exp2(ml.x - m);
+            sum += ml.y * factor;
+#pragma unroll
+            for (int e = 0; e < LANE_ELEMENTS; ++e) {
+                if (s < parts.packed) packed[e] = fmaf(__uint_as_float(o[e]), factor, packed[e]);
+                else window[e] = fmaf(__uint_as_float(o[e]), factor, window[e]);
+            }
+        }
+        if (unrotate) fwht_row<HEAD_DIM, LANE_ELEMENTS>(packed, lane, hadamard_normalization);
+        const float inverse = sum > 0.f ? __fdividef(1.f, sum) : 0.f;
+        const int r = rb * RPB + local, group_size = rows / q_len;
+        const i64 b = bh / kv_heads;
+        const i64 head = (bh % kv_heads) * group_size + r / q_len;
+        const i64 out_row = (b * kv_heads * group_size + head) * q_len + r % q_len;
+#pragma unroll
+        for (int e = 0; e < LANE_ELEMENTS; ++e)
+            out[out_row * HEAD_DIM + lane * LANE_ELEMENTS + e] = f32_to_in((packed[e] + window[e]) * inverse);
+        if (lane == 0) lse[out_row] = sum > 0.f ? (m + __log2f(sum)) * LN2 : NEG_INF;
+    }
+}
+
+// Grid (packed_blocks + units * ceil(window_splits / WARPS) + units), THREADS threads: the packed blocks, then the
+// window blocks (window split s of a unit covers window tokens [32 s, 32 s + 32), the last one to the end), or the
+// window blocks first (windows_first); then one merge block per unit. Each packed segment (a block) and each window
+// split (a warp) adds one to its unit's count in unit_counts (int32, zero at the launch and again after it) once its
+// partial rows are written; the unit's merge block waits for the count (the blocks before it in the grid are all
+// resident or done by then: blocks start in grid order) and writes the outputs (write_unit_outputs). One launch instead
+// of a second kernel for the merge (measured on the H100 at 1 x 4k: 13.4 -> 13.2 us replayed in a CUDA graph, 62 -> 37
+// us per call launched from Python).
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_attention(
     const in_t* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_sl,
     const u32* __restrict__ k_codes, const scale_t* __restrict__ k_scales, const scale_t* __restrict__ k_zeros,
     const u32* __restrict__ v_codes, const scale_t* __restrict__ v_scales, const scale_t* __restrict__ v_zeros,
@@ -1038,14 +1145,28 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
     const in_t* __restrict__ window_k, i64 wk_sb, i64 wk_sh, i64 wk_st,
     const in_t* __restrict__ window_v, i64 wv_sb, i64 wv_sh, i64 wv_st, const i64* __restrict__ window_lengths,
     int kv_heads, int q_len, int rows, int row_blocks, int units, int key_group, int packed_blocks, int unit_steps,
-    int late_blocks, int late_steps, int window_splits, int windows_first, int rotate, float hadamard_normalization,
-    float scale_log2, float* __restrict__ partial_o, float2* __restrict__ partial_ml) {
+    int late_blocks, int late_steps, int window_splits, int windows_first, int rotate, int unrotate,
+    float hadamard_normalization, float scale_log2, float* __restrict__ partial_o, float2* __restrict__ partial_ml,
+    int* __restrict__ unit_counts, in_t* __restrict__ out, float* __restrict__ lse) {
     __shared__ SharedMemory shared;
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     const int window_blocks = (window_splits + WARPS - 1) / WARPS;  // per unit
     const int window_grid = units * window_blocks;                   // window blocks of the launch
     const i64 window_base = (i64)packed_blocks + units;  // partial index of unit 0's window split 0
 
+    if (blockIdx.x >= (unsigned)(packed_blocks + window_grid)) {
+        // ---- the merge block of unit u: waits for its partial results, merges them, resets the unit's count
+        const int u = blockIdx.x - (packed_blocks + window_grid);
+        const UnitParts parts(units, unit_steps, packed_blocks, late_blocks, late_steps, u);
+        if (threadIdx.x == 0) {
+            while (load_acquire(unit_counts + u) < parts.packed + window_splits) __nanosleep(100);
+            unit_counts[u] = 0;
+        }
+        __syncthreads();
+        write_unit_outputs(partial_o, partial_ml, parts, u, units, packed_blocks, window_splits, kv_heads, q_len, rows,
+                           row_blocks, unrotate, hadamard_normalization, out, lse);
+        return;
+    }
     if (windows_first ? blockIdx.x >= (unsigned)window_grid : blockIdx.x < (unsigned)packed_blocks) {
         // ---- packed block i: its steps of the units, one segment per unit
         const PackedPartition partition(units, unit_steps, packed_blocks, late_blocks, late_steps);
@@ -1063,7 +1184,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
             run_segment(shared, step_buffers, q, q_sb, q_sh, q_sl, k_codes, k_scales, k_zeros, v_codes, v_scales,
                         v_zeros, norms, norm_heads, packed_lengths, capacity, window_lengths, kv_heads, q_len, rows,
                         row_blocks, key_group, unit_steps, rotate, hadamard_normalization, scale_log2, u, first_step,
-                        stop_step, (i64)i + u, partial_o, partial_ml);
+                        stop_step, (i64)i + u, partial_o, partial_ml, unit_counts + u);
         }
         return;
     }
@@ -1093,96 +1214,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_partial
     const i64 stop = split == window_splits - 1 ? windowed : min(windowed, start + WINDOW_SPLIT);
     window_split(shared, window_keys, wk_st, window_values, wv_st, start, stop, windowed - q_len + 1, rb * RPB,
                  min(RPB, rows - rb * RPB), rows, q_len, lane, (window_base + (i64)u * window_splits + split) * RPB,
-                 partial_o, partial_ml);
+                 partial_o, partial_ml, unit_counts + u);
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Grid B * kv_heads * rows, THREADS threads: a block merges the partial rows of one query row - the packed segments of
-// its unit, then its window splits (warp w adds splits w, w + WARPS, ..., all of its loads in flight at once; warp 0
-// adds the warps' sums in a fixed order) -, rotates the packed part back (unrotate), adds the window part, normalizes
-// and writes out (B, q_heads, q_len, D) contiguous in the query dtype and lse (B, q_heads, q_len) float32 (natural
-// log; -inf and a zero row where nothing is visible).
-extern "C" __global__ void __launch_bounds__(THREADS) decode_combine(
-    const float* __restrict__ partial_o, const float2* __restrict__ partial_ml, int units, int packed_blocks,
-    int unit_steps, int late_blocks, int late_steps, int window_splits, int kv_heads, int q_len, int rows,
-    int row_blocks, int unrotate,
-    float hadamard_normalization, in_t* __restrict__ out, float* __restrict__ lse) {
-    __shared__ float parts[2][WARPS][HEAD_DIM];  // packed and window sums of each warp
-    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    const int bh = blockIdx.x / rows, r = blockIdx.x % rows, rb = r / RPB;
-    const int u = bh * row_blocks + rb;
-    // the unit's packed segments: those of packed blocks first .. last, at partial indices first + u ...
-    int first = 0, packed_splits = 0;
-    if (unit_steps > 0 && late_blocks == 0 && packed_blocks % units == 0) {  // whole blocks per unit (batch 1)
-        packed_splits = packed_blocks / units;
-        first = u * packed_splits;
-    } else if (unit_steps > 0) {
-        const PackedPartition partition(units, unit_steps, packed_blocks, late_blocks, late_steps);
-        first = partition.block_of(u * unit_steps);
-        packed_splits = partition.block_of((u + 1) * unit_steps - 1) - first + 1;
-    }
-    const int splits = packed_splits + window_splits;
-    const i64 packed_row = ((i64)first + u) * RPB + r % RPB;  // partial row of packed split s: + s * RPB
-    const i64 window_row = ((i64)packed_blocks + units + (i64)u * window_splits - packed_splits) * RPB + r % RPB;
-    auto partial_row = [&](int s) { return (s < packed_splits ? packed_row : window_row) + (i64)s * RPB; };
-
-    float m = NEG_INF;
-    for (int s = lane; s < splits; s += WARP) m = fmaxf(m, partial_ml[partial_row(s)].x);
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-
-    float packed[LANE_ELEMENTS], window[LANE_ELEMENTS];
-#pragma unroll
-    for (int e = 0; e < LANE_ELEMENTS; ++e) packed[e] = window[e] = 0.f;
-    float sum = 0.f;
-    // 32 splits at a time: lane k holds split base + k's factor (and adds its sum), the warps add their partial rows
-    for (int base = 0; base < splits; base += WARP) {
-        float factor = 0.f;
-        if (base + lane < splits) {
-            const float2 ml = partial_ml[partial_row(base + lane)];
-            factor = ml.x == NEG_INF ? 0.f : fast_exp2(ml.x - m);
-            sum += ml.y * factor;
-        }
-        const int count = min(WARP, splits - base);
-#pragma unroll 8
-        for (int k = warp; k < count; k += WARPS) {
-            const float f = __shfl_sync(0xffffffffu, factor, k);
-            const int s = base + k;
-            u32 o[LANE_ELEMENTS];
-            load_words(o, partial_o + partial_row(s) * HEAD_DIM + lane * LANE_ELEMENTS);
-#pragma unroll
-            for (int e = 0; e < LANE_ELEMENTS; ++e) {
-                if (s < packed_splits) packed[e] = fmaf(__uint_as_float(o[e]), f, packed[e]);
-                else window[e] = fmaf(__uint_as_float(o[e]), f, window[e]);
-            }
-        }
-    }
-    if (warp > 0) {
-#pragma unroll
-        for (int e = 0; e < LANE_ELEMENTS; ++e) {
-            parts[0][warp][lane * LANE_ELEMENTS + e] = packed[e];
-            parts[1][warp][lane * LANE_ELEMENTS + e] = window[e];
-        }
-    }
-    __syncthreads();
-    if (warp > 0) return;
-#pragma unroll
-    for (int w = 1; w < WARPS; ++w) {
-#pragma unroll
-        for (int e = 0; e < LANE_ELEMENTS; ++e) {
-            packed[e] += parts[0][w][lane * LANE_ELEMENTS + e];
-            window[e] += parts[1][w][lane * LANE_ELEMENTS + e];
-        }
-    }
-    sum = row_sum(sum, WARP);
-    if (unrotate) fwht_row<HEAD_DIM, LANE_ELEMENTS>(packed, lane, hadamard_normalization);
-    const float inverse = sum > 0.f ? 1.f / sum : 0.f;
-    const int group_size = rows / q_len;
-    const i64 b = bh / kv_heads;
-    const i64 head = (bh % kv_heads) * group_size + r / q_len;
-    const i64 out_row = (b * kv_heads * group_size + head) * q_len + r % q_len;
-#pragma unroll
-    for (int e = 0; e < LANE_ELEMENTS; ++e)
-        out[out_row * HEAD_DIM + lane * LANE_ELEMENTS + e] = f32_to_in((packed[e] + window[e]) * inverse);
-    if (lane == 0) lse[out_row] = sum > 0.f ? (m + __log2f(sum)) * LN2 : NEG_INF;
-}

@@ -121,6 +121,7 @@ def test_gqa_ratios_and_query_lengths(rng, group, q_len):
     ((0, 64), (0, 3)),  # a sequence with nothing packed and an empty window
     ((256, 512), None),  # no window
     ((4096, 17), (1, 0)),  # very different lengths in one batch
+    ((0, 0), None),  # nothing to attend to: only the merge blocks run
 ])
 def test_edge_cases(rng, packed, window):
     check_case(*make_case(rng, packed=packed, window=window))
@@ -255,7 +256,36 @@ def test_plan_reuse_and_cuda_graph_capture(rng):
         graph.launch()
     stream.synchronize()
     reference = oc.decode_attention(q[:, ::-1].copy(), qkv, wk, wv, lengths=lengths)
-    assert relative_error(cupy.asnumpy(plan.out), reference) <= TOLERANCE[BF16]
+    first = cupy.asnumpy(plan.out)
+    assert relative_error(first, reference) <= TOLERANCE[BF16]
+    with stream:
+        graph.launch()
+    stream.synchronize()
+    np.testing.assert_array_equal(cupy.asnumpy(plan.out), first)  # the merge's order is fixed: the same bits
+    assert not plan.unit_counts.any()  # the merge blocks leave the counts at zero for the next run
+
+
+def test_merge_blocks_wait_for_their_units(rng):
+    """More blocks than the GPU holds at once, the merge blocks last: they start while packed and window blocks of
+    their units are still running or waiting for a slot, and wait for them (mixed lengths, windows after or before
+    the packed blocks)."""
+    batch, kv_heads = 40, 8
+    packed = tuple(int(n) for n in rng.integers(1, 700, batch))
+    window = tuple(int(n) for n in rng.integers(0, 100, batch))
+    q, qkv, wk, wv, lengths = make_case(rng, batch=batch, kv_heads=kv_heads, group=4, packed=packed, window=window)
+    reference = oc.decode_attention(q, qkv, wk, wv, lengths=lengths)
+    for windows_first in (False, True):
+        plan = DecodePlan(qkv.config, batch=batch, q_heads=4 * kv_heads, kv_heads=kv_heads, q_len=1, head_dim=128,
+                          dtype=BF16, max_packed=max(packed), max_window=max(window))
+        plan.windows_first = windows_first
+        grid = plan.packed_blocks + plan.window_blocks + plan.units
+        assert grid > 3 * cupy.cuda.Device().attributes["MultiProcessorCount"]
+        plan.partial_o.fill(cupy.nan)
+        poison_memory_pool()
+        out, _ = plan.run(cupy.asarray(q), to_gpu(qkv).arrays(), cupy.asarray(qkv.lengths), cupy.asarray(wk),
+                          cupy.asarray(wv), cupy.asarray(np.asarray(lengths, np.int64)))
+        assert relative_error(cupy.asnumpy(out), reference) <= TOLERANCE[BF16]
+        assert not plan.unit_counts.any()
 
 
 def test_plan_sized_for_fewer_tokens_still_reads_everything(rng):

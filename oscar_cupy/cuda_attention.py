@@ -94,17 +94,13 @@ class DecodePlan:
         self.units = batch * kv_heads * self.row_blocks  # (sequence, KV head, row block) triples
         self.unit_steps = -(-max_packed // STEP)
         self.window_splits = -(-max_window // WINDOW_SPLIT)
-        # the window blocks' place in the grid, measured on the H100: after the packed blocks, INT2 launches were 2-10%
-        # faster (32 x 16k, 64 x 4k, 8 x 32k); before them, INT4 launches 2-3% faster (32 x 32k, 64 x 16k-32k)
-        self.windows_first = config.bits == 4
         self.window_blocks = _window_blocks(self.units, self.window_splits)
-        self.packed_blocks = _packed_blocks(self.units, slots, self.unit_steps, self.window_splits,
-                                            self.windows_first)
+        self.packed_blocks = _packed_blocks(self.units, slots, self.unit_steps, self.window_splits)
         if self.units * self.unit_steps + WARPS * WINDOW_COST * MAX_PACKED_BLOCKS >= 2**31:
             raise ValueError(f"{self.units * self.unit_steps} packed steps of 32 tokens in one launch: the kernels "
                              "count steps in 32 bits; split the batch")
         self.late_blocks, self.late_steps = _late_blocks(
-            self.packed_blocks, self.window_blocks, slots, self.units * self.unit_steps, self.windows_first)
+            self.packed_blocks, self.window_blocks, slots, self.units * self.unit_steps)
         with cupy.cuda.Device(self.device_id):
             # partial rows: packed segment (block i, unit u) at index i + u, then the window splits of each unit
             partial_rows = (self.packed_blocks + self.units * (1 + self.window_splits)) * rows_per_block
@@ -152,7 +148,7 @@ class DecodePlan:
              np.int32(self.kv_heads), np.int32(self.q_len), np.int32(self.rows), np.int32(self.row_blocks),
              np.int32(self.units), np.int32(config.key_group), np.int32(self.packed_blocks),
              np.int32(self.unit_steps), np.int32(self.late_blocks), np.int32(self.late_steps),
-             np.int32(self.window_splits), np.int32(self.windows_first), rotate,
+             np.int32(self.window_splits), rotate,
              np.int32(rotate and config.rotate_values), hadamard_normalization(self.head_dim), scale_log2,
              self.partial_o, self.partial_ml, self.unit_counts, out, self.lse),
             shared_mem=self.shared_bytes,
@@ -211,20 +207,14 @@ STEP_COST, BLOCK_COST, WINDOW_COST, COMBINE_COST = 1.0, 3.0, 4.0, 3.0
 MAX_PACKED_BLOCKS = 1023  # decode.cu's PackedPartition divides by the block count through a 32-bit reciprocal
 
 
-def _late_blocks(packed_blocks: int, window_blocks: int, slots: int, total_steps: int,
-                 windows_first: bool) -> tuple[int, int]:
+def _late_blocks(packed_blocks: int, window_blocks: int, slots: int, total_steps: int) -> tuple[int, int]:
     """``(late_blocks, late_steps)``: the last ``late_blocks`` packed blocks take ``late_steps`` steps fewer than the
     others (a window block's duration in steps of a block's four warps; fewer where a late block would be left no
-    step). Window blocks after the packed ones take the free slots, then those that free up first: the late blocks'
-    slots take the window blocks that find no free slot (one more each than the other packed blocks' slots). Window
-    blocks first take ``slots`` at a time: the late blocks are the packed blocks that wait for a window block's slot
-    (one more window block before them than before the others)."""
-    if windows_first:
-        rounds, late_slots = divmod(window_blocks, slots)
-        late_blocks = max(0, packed_blocks - (slots - late_slots if rounds else slots - window_blocks))
-    else:
-        waiting = max(0, window_blocks - max(0, slots - packed_blocks))  # window blocks that wait for a packed block
-        late_blocks = waiting % packed_blocks if packed_blocks else 0
+    step). The window blocks, after the packed ones in the grid, take the free slots, then those that free up first:
+    the late blocks' slots take the window blocks that find no free slot (one more each than the other packed blocks'
+    slots)."""
+    waiting = max(0, window_blocks - max(0, slots - packed_blocks))  # window blocks that wait for a packed block
+    late_blocks = waiting % packed_blocks if packed_blocks else 0
     if not late_blocks:
         return 0, 0
     late_steps = min(round(WARPS * WINDOW_COST / STEP_COST), (total_steps - packed_blocks) // packed_blocks)
@@ -237,7 +227,7 @@ def _window_blocks(units: int, window_splits: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)  # the layers of a model plan the same shapes at every flush
-def _packed_blocks(units: int, slots: int, steps: int, window_splits: int, windows_first: bool) -> int:
+def _packed_blocks(units: int, slots: int, steps: int, window_splits: int) -> int:
     """Packed blocks of a launch (they share the ``units * steps`` packed steps evenly, decode.cu): the count with the
     shortest estimated step (the fewest among those within 1%), at most one per slot and one per step (and below
     ``MAX_PACKED_BLOCKS``).
@@ -245,24 +235,21 @@ def _packed_blocks(units: int, slots: int, steps: int, window_splits: int, windo
     ``units`` (sequence, KV head, row block) triples of ``steps`` packed steps and ``window_splits`` 32-token window
     splits each (in window blocks of WARPS splits); ``slots`` blocks fit on the GPU at once. Estimate: a packed block
     costs ``BLOCK_COST`` per unit it touches plus ``STEP_COST`` per step of a warp, a window block ``WINDOW_COST``;
-    the window blocks take the slots before or after the packed blocks (``windows_first``), the late blocks
-    (:func:`_late_blocks`) ending with the others; then each unit's merge block adds its segments and window splits
-    (``COMBINE_COST`` per 32). More blocks shorten them but add segments and the merges' work.
+    the window blocks take the slots after the packed blocks, the late blocks (:func:`_late_blocks`) ending with the
+    others; then each unit's merge block adds its segments and window splits (``COMBINE_COST`` per 32). More blocks
+    shorten them but add segments and the merges' work.
     """
     total = units * steps
     window_blocks = _window_blocks(units, window_splits)
     best, best_time = 0, math.inf
     for blocks in range(1, min(slots, total, MAX_PACKED_BLOCKS) + 1):
-        late_blocks, late_steps = _late_blocks(blocks, window_blocks, slots, total, windows_first)
+        late_blocks, late_steps = _late_blocks(blocks, window_blocks, slots, total)
         block_steps = -(-(total + late_steps * late_blocks) // blocks)  # of an early block
         aligned = blocks % units == 0 and not late_blocks  # whole blocks per unit: one segment each
         segments = 1 if aligned else -(-(block_steps - 1) // steps) + 1
         duration = BLOCK_COST * segments + STEP_COST * (-(-block_steps // WARPS) + segments - 1)
-        if windows_first:  # rounds of window blocks on every slot before the packed blocks
-            launch = duration + WINDOW_COST * (window_blocks // slots)
-        else:  # window blocks after the packed ones on every slot
-            waiting = max(0, window_blocks - max(0, slots - blocks))
-            launch = max(duration + WINDOW_COST * (waiting // blocks), WINDOW_COST if window_splits else 0)
+        waiting = max(0, window_blocks - max(0, slots - blocks))  # window blocks after the packed ones on every slot
+        launch = max(duration + WINDOW_COST * (waiting // blocks), WINDOW_COST if window_splits else 0)
         unit_segments = blocks // units if aligned else -(-blocks // units) + 1
         time = launch + COMBINE_COST * -(-(unit_segments + window_splits) // 32)
         if time < best_time * 0.99:

@@ -832,9 +832,8 @@ __device__ __forceinline__ void merge_and_store(SharedMemory& shared, int warp, 
 // its end are empty, and the unit's last step runs to its end where a sequence is longer than the plan). The packed
 // blocks share the steps of all units in a row, T = units * unit_steps of them (stream-K): block i takes steps
 // [start(i), start(i + 1)), as one segment per unit it touches. The last late_blocks packed blocks take late_steps
-// steps fewer than the others (PackedPartition; every block holds at least one step): with the window blocks after
-// the packed ones, their slots take the window blocks that find no free slot; with the window blocks first, they are
-// the packed blocks that wait for a window block's slot. Segment (i, u) writes its partial rows at
+// steps fewer than the others (PackedPartition; every block holds at least one step): their slots take the window
+// blocks (after the packed ones in the grid) that find no free slot. Segment (i, u) writes its partial rows at
 // index i + u (unique: from one segment of the blocks to the next, i or u grows), window split w of unit u at index
 // packed_blocks + units + u * window_splits + w. Index n, block row r: row n * RPB + r of partial_o (unnormalized
 // float32, rotated basis for packed segments) and partial_ml (base-2 max, sum), for the rows below `rows` (the others
@@ -1130,8 +1129,8 @@ __device__ __noinline__ void write_unit_outputs(const float* __restrict__ partia
 }
 
 // Grid (packed_blocks + units * ceil(window_splits / WARPS) + units), THREADS threads: the packed blocks, then the
-// window blocks (window split s of a unit covers window tokens [32 s, 32 s + 32), the last one to the end), or the
-// window blocks first (windows_first); then one merge block per unit. Each packed segment (a block) and each window
+// window blocks (window split s of a unit covers window tokens [32 s, 32 s + 32), the last one to the end), then one
+// merge block per unit. Each packed segment (a block) and each window
 // split (a warp) adds one to its unit's count in unit_counts (int32, zero at the launch and again after it) once its
 // partial rows are written; the unit's merge block waits for the count (the blocks before it in the grid are all
 // resident or done by then: blocks start in grid order) and writes the outputs (write_unit_outputs). One launch instead
@@ -1145,7 +1144,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_attenti
     const in_t* __restrict__ window_k, i64 wk_sb, i64 wk_sh, i64 wk_st,
     const in_t* __restrict__ window_v, i64 wv_sb, i64 wv_sh, i64 wv_st, const i64* __restrict__ window_lengths,
     int kv_heads, int q_len, int rows, int row_blocks, int units, int key_group, int packed_blocks, int unit_steps,
-    int late_blocks, int late_steps, int window_splits, int windows_first, int rotate, int unrotate,
+    int late_blocks, int late_steps, int window_splits, int rotate, int unrotate,
     float hadamard_normalization, float scale_log2, float* __restrict__ partial_o, float2* __restrict__ partial_ml,
     int* __restrict__ unit_counts, in_t* __restrict__ out, float* __restrict__ lse) {
     __shared__ SharedMemory shared;
@@ -1167,10 +1166,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_attenti
                            row_blocks, unrotate, hadamard_normalization, out, lse);
         return;
     }
-    if (windows_first ? blockIdx.x >= (unsigned)window_grid : blockIdx.x < (unsigned)packed_blocks) {
+    if (blockIdx.x < (unsigned)packed_blocks) {
         // ---- packed block i: its steps of the units, one segment per unit
         const PackedPartition partition(units, unit_steps, packed_blocks, late_blocks, late_steps);
-        const int i = blockIdx.x - (windows_first ? window_grid : 0);
+        const int i = blockIdx.x;
         const int block_start_step = partition.start(i), block_stop_step = partition.start(i + 1);
         // STAGES per warp, 128-byte aligned: the copies of a warp fill whole 128-byte lines of shared memory (a base 16
         // bytes off, as a static shared size of 11536 bytes gives, measured 5-9% slower)
@@ -1190,8 +1189,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_attenti
     }
 
     // window block wb of unit u: split wb * WARPS + warp for each warp, 32 window tokens each
-    const int index = blockIdx.x - (windows_first ? 0 : packed_blocks), u = index / window_blocks,
-              wb = index % window_blocks;
+    const int index = blockIdx.x - packed_blocks, u = index / window_blocks, wb = index % window_blocks;
     const int bh = u / row_blocks, rb = u % row_blocks, h = bh % kv_heads;
     const i64 b = bh / kv_heads;
     const i64 windowed = window_lengths[b];

@@ -267,20 +267,20 @@ def test_plan_reuse_and_cuda_graph_capture(rng):
 
 def test_merge_blocks_wait_for_their_units(rng):
     """More blocks than the GPU holds at once, the merge blocks last: they start while packed and window blocks of
-    their units are still running or waiting for a slot, and wait for them (mixed lengths, windows after or before
-    the packed blocks)."""
+    their units are still running or waiting for a slot, and wait for them (mixed lengths); a second run finds the
+    counts back at zero."""
     batch, kv_heads = 40, 8
     packed = tuple(int(n) for n in rng.integers(1, 700, batch))
     window = tuple(int(n) for n in rng.integers(0, 100, batch))
     q, qkv, wk, wv, lengths = make_case(rng, batch=batch, kv_heads=kv_heads, group=4, packed=packed, window=window)
     reference = oc.decode_attention(q, qkv, wk, wv, lengths=lengths)
-    for windows_first in (False, True):
-        plan = DecodePlan(qkv.config, batch=batch, q_heads=4 * kv_heads, kv_heads=kv_heads, q_len=1, head_dim=128,
-                          dtype=BF16, max_packed=max(packed), max_window=max(window))
-        plan.windows_first = windows_first
-        grid = plan.packed_blocks + plan.window_blocks + plan.units
-        assert grid > 3 * cupy.cuda.Device().attributes["MultiProcessorCount"]
+    plan = DecodePlan(qkv.config, batch=batch, q_heads=4 * kv_heads, kv_heads=kv_heads, q_len=1, head_dim=128,
+                      dtype=BF16, max_packed=max(packed), max_window=max(window))
+    grid = plan.packed_blocks + plan.window_blocks + plan.units
+    assert grid > 3 * cupy.cuda.Device().attributes["MultiProcessorCount"]
+    for _ in range(2):
         plan.partial_o.fill(cupy.nan)
+        plan.out.fill(cupy.nan)
         poison_memory_pool()
         out, _ = plan.run(cupy.asarray(q), to_gpu(qkv).arrays(), cupy.asarray(qkv.lengths), cupy.asarray(wk),
                           cupy.asarray(wv), cupy.asarray(np.asarray(lengths, np.int64)))
@@ -315,18 +315,16 @@ def test_window_splits_on_tensor_cores(rng, group, q_len, head_dim):
         assert relative_error(cupy.asnumpy(out), reference) <= TOLERANCE[BF16]
 
 
-@pytest.mark.parametrize("windows_first", [False, True], ids=["windows-last", "windows-first"])
 @pytest.mark.parametrize("packed_blocks, late_blocks, late_steps", [(1, 0, 0), (5, 0, 0), (7, 2, 3), (30, 11, 2)])
-def test_packed_blocks_share_the_steps_of_all_units(rng, packed_blocks, late_blocks, late_steps, windows_first):
+def test_packed_blocks_share_the_steps_of_all_units(rng, packed_blocks, late_blocks, late_steps):
     """The packed blocks share the steps of all units in a row (stream-K): one block for everything, blocks that
-    straddle units, late blocks that take fewer steps, the window blocks after or before the packed ones (the plan
-    forced each way) - the same attention, with sequences of different lengths and the longest one beyond the plan's."""
+    straddle units, late blocks that take fewer steps (the plan forced each way) - the same attention, with sequences
+    of different lengths and the longest one beyond the plan's."""
     q, qkv, wk, wv, lengths = make_case(rng, batch=3, kv_heads=2, group=4, packed=(900, 130, 333), window=(20, 7, 40))
     reference = oc.decode_attention(q, qkv, wk, wv, lengths=lengths)
     plan = DecodePlan(qkv.config, batch=3, q_heads=8, kv_heads=2, q_len=1, head_dim=128, dtype=BF16, max_packed=700,
                       max_window=64)
     plan.packed_blocks, plan.late_blocks, plan.late_steps = packed_blocks, late_blocks, late_steps
-    plan.windows_first = windows_first
     partial_rows = (packed_blocks + plan.units * (1 + plan.window_splits)) * 8
     plan.partial_o = cupy.full((partial_rows, 128), cupy.nan, dtype=cupy.float32)
     plan.partial_ml = cupy.full((partial_rows, 2), cupy.nan, dtype=cupy.float32)
@@ -338,31 +336,24 @@ def test_packed_blocks_share_the_steps_of_all_units(rng, packed_blocks, late_blo
 
 def test_packed_block_model():
     """The launch model: at most one packed block per slot and per step; the late packed blocks (whose slots take the
-    window blocks that find no free slot, or that wait for a window block's slot) take a window block's worth of
-    steps fewer; at batch 1 whole blocks per unit (one segment each)."""
+    window blocks that find no free slot) take a window block's worth of steps fewer; at batch 1 whole blocks per unit
+    (one segment each)."""
     from oscar_cupy.cuda_attention import _late_blocks, _packed_blocks
 
     for units, steps in ((8, 3), (8, 128), (8, 1020), (64, 124), (512, 4092)):
         for window_splits in (0, 1, 2, 4):
-            for windows_first in (False, True):
-                blocks = _packed_blocks(units, 396, steps, window_splits, windows_first)
-                assert 1 <= blocks <= min(396, units * steps)
+            blocks = _packed_blocks(units, 396, steps, window_splits)
+            assert 1 <= blocks <= min(396, units * steps)
     # batch 1 x 4k of 8 KV heads with 4 window splits (one window block each): 16 blocks per unit of ~2 steps per warp
-    assert _packed_blocks(8, 396, 124, 4, False) == _packed_blocks(8, 396, 124, 4, True) == 128
+    assert _packed_blocks(8, 396, 124, 4) == 128
     # 64 window blocks after 396 packed blocks: the last 64 packed blocks take 16 steps (4 per warp) fewer
-    assert _late_blocks(396, 64, 396, 64 * 4092, False) == (64, 16)
-    assert _late_blocks(332, 64, 396, 64 * 4092, False) == (0, 0)
+    assert _late_blocks(396, 64, 396, 64 * 4092) == (64, 16)
+    assert _late_blocks(332, 64, 396, 64 * 4092) == (0, 0)
     # 512 window blocks after 396 packed blocks: 116 slots take two, so the last 116 packed blocks are the shorter ones
-    assert _late_blocks(396, 512, 396, 512 * 124, False) == (116, 16)
-    # 64 window blocks first: the last 64 of 396 packed blocks wait for their slots; 512 first: 116 slots take two,
-    # so 116 packed blocks start a window block later than the other 280
-    assert _late_blocks(396, 64, 396, 64 * 4092, True) == (64, 16)
-    assert _late_blocks(332, 64, 396, 64 * 4092, True) == (0, 0)
-    assert _late_blocks(396, 512, 396, 512 * 124, True) == (116, 16)
+    assert _late_blocks(396, 512, 396, 512 * 124) == (116, 16)
     # never so few steps that a late block would have none
-    for windows_first in (False, True):
-        late_blocks, late_steps = _late_blocks(396, 64, 396, 800, windows_first)
-        assert late_blocks == 0 or (800 + late_steps * late_blocks) // 396 - late_steps >= 1
+    late_blocks, late_steps = _late_blocks(396, 64, 396, 800)
+    assert late_blocks == 0 or (800 + late_steps * late_blocks) // 396 - late_steps >= 1
 
 
 def test_inputs_untouched_and_clear_errors(rng):

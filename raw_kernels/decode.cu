@@ -1130,12 +1130,14 @@ __device__ __noinline__ void write_unit_outputs(const float* __restrict__ partia
 
 // Grid (packed_blocks + units * ceil(window_splits / WARPS) + units), THREADS threads: the packed blocks, then the
 // window blocks (window split s of a unit covers window tokens [32 s, 32 s + 32), the last one to the end), then one
-// merge block per unit. Each packed segment (a block) and each window
-// split (a warp) adds one to its unit's count in unit_counts (int32, zero at the launch and again after it) once its
-// partial rows are written; the unit's merge block waits for the count (the blocks before it in the grid are all
-// resident or done by then: blocks start in grid order) and writes the outputs (write_unit_outputs). One launch instead
-// of a second kernel for the merge (measured on the H100 at 1 x 4k: 13.4 -> 13.2 us replayed in a CUDA graph, 62 -> 37
-// us per call launched from Python).
+// merge block per unit. Each packed segment (a block) and each window split (a warp) adds one to its unit's count in
+// unit_counts (int32, zero at the launch and again after it) once its partial rows are written; the unit's merge block
+// waits for the count (the blocks before it in the grid are all resident or done by then: blocks start in grid order)
+// and writes the outputs (write_unit_outputs). One launch instead of a second kernel for the merge (measured on the
+// H100 at 1 x 4k: 13.4 -> 13.2 us replayed in a CUDA graph, 62 -> 37 us per call launched from Python). The counts sit
+// at the ends of run_segment and window_split: a global memory access in this body after their calls makes ptxas keep
+// the memory descriptor in ordinary registers in every function (an R2UR before each load, the packed loop 691 -> 722
+// instructions).
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_attention(
     const in_t* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_sl,
     const u32* __restrict__ k_codes, const scale_t* __restrict__ k_scales, const scale_t* __restrict__ k_zeros,

@@ -342,10 +342,17 @@ def test_packed_block_model():
 
     for units, steps in ((8, 3), (8, 128), (8, 1020), (64, 124), (512, 4092)):
         for window_splits in (0, 1, 2, 4):
-            blocks = _packed_blocks(units, 396, steps, window_splits)
+            blocks = _packed_blocks(units, 396, 132, steps, window_splits)
             assert 1 <= blocks <= min(396, units * steps)
-    # batch 1 x 4k of 8 KV heads with 4 window splits (one window block each): 16 blocks per unit of ~2 steps per warp
-    assert _packed_blocks(8, 396, 124, 4) == 128
+    assert _packed_blocks(8, 396, 132, 0, 4) == 0  # nothing packed
+    # batch 1 x 4k of 8 KV heads with 4 window splits (one window block each): the whole launch fits at once, so the
+    # most blocks within 1% of the best estimate, 28 per unit (whole blocks per unit)
+    assert _packed_blocks(8, 396, 132, 124, 4) == 224
+    # SmolLM2 1 x 128k (3 KV heads): the fewest, 258, leave each SM two blocks (258 + 3 window + 3 merge blocks =
+    # 2 x 132); more would give a few SMs a third
+    assert _packed_blocks(3, 396, 132, 4092, 4) == 258
+    # large sizes: the fewest within 1%
+    assert 385 <= _packed_blocks(256, 396, 132, 508, 4) <= 396
     # 64 window blocks after 396 packed blocks: the last 64 packed blocks take 16 steps (4 per warp) fewer
     assert _late_blocks(396, 64, 396, 64 * 4092) == (64, 16)
     assert _late_blocks(332, 64, 396, 64 * 4092) == (0, 0)

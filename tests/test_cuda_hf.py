@@ -57,10 +57,11 @@ def test_gpu_greedy_generation_matches_the_cpu_tokens_where_the_cpu_is_decided()
 def test_real_smollm2_gpu_decode_matches_the_cpu_reference_path():
     """SmolLM2-135M-Instruct (bf16) on Hamlet: 300 prompt tokens (a packed flush block of 256 plus the window), 40
     greedy tokens on the GPU through the fused kernel; the CPU reference path, teacher-forced on the same tokens,
-    predicts the same first tokens, and its logits differ from the GPU's within a few times the difference of the two
-    platforms' bf16 forward passes with an unquantized cache: the GPU's and the CPU's keys and values differ in their
-    last bits, and INT2 rounding flips on some of them (measured on the H100: 2.1% unquantized, 6.5% oscar-2, 27
-    leading tokens equal). The kernel itself is checked on identical packed data in test_cuda_attention.py. Needs the
+    predicts the same tokens (at least 80% of them), and its logits differ from the GPU's within a few times the
+    difference of the two platforms' bf16 forward passes with an unquantized cache: the GPU's and the CPU's keys and
+    values differ in their last bits, and INT2 rounding flips on some of them (measured on the H100: 2.2-2.6%
+    unquantized, 5.9-6.8% oscar-2; the leading run of equal tokens, 4 to 27 with the same kernels and other split
+    counts, ends at the first near tie). The kernel itself is checked on identical packed data in test_cuda_attention.py. Needs the
     model and text offline (``oscar_cupy.assets``; on the device machine they are carried in)."""
     from oscar_cupy.assets import AssetError
     from oscar_cupy.assets.models import resolve_model
@@ -92,10 +93,13 @@ def test_real_smollm2_gpu_decode_matches_the_cpu_reference_path():
     platform = ((plain_gpu - plain_cpu).norm() / plain_cpu.norm()).item()
     error = ((oscar_gpu - oscar_cpu).norm() / oscar_cpu.norm()).item()
     predicted = oscar_cpu[0, :-1].argmax(-1)  # the CPU path's next token after each generated one
-    agree = (predicted == generated[0, 301:]).int().cumprod(0).sum().item()
-    print(f"GPU vs CPU logits: oscar-2 {error:.4f}, unquantized bf16 {platform:.4f}; leading tokens agreeing {agree}")
+    same = (predicted == generated[0, 301:]).int()
+    agree, leading = same.sum().item(), same.cumprod(0).sum().item()
+    print(f"GPU vs CPU logits: oscar-2 {error:.4f}, unquantized bf16 {platform:.4f}; tokens agreeing {agree} of "
+          f"{same.numel()}, leading {leading}")
     assert error < 4 * platform, (error, platform)
-    assert agree >= 10, (agree, tokenizer.decode(generated[0, 300:]))
+    # teacher-forced, so a near tie that flips under another summation order costs its own position only
+    assert agree >= 0.8 * same.numel(), (agree, tokenizer.decode(generated[0, 300:]))
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")

@@ -61,8 +61,9 @@ def test_real_smollm2_gpu_decode_matches_the_cpu_reference_path():
     difference of the two platforms' bf16 forward passes with an unquantized cache: the GPU's and the CPU's keys and
     values differ in their last bits, and INT2 rounding flips on some of them (measured on the H100: 2.2-2.6%
     unquantized, 5.9-6.8% oscar-2; the leading run of equal tokens, 4 to 27 with the same kernels and other split
-    counts, ends at the first near tie). The kernel itself is checked on identical packed data in test_cuda_attention.py. Needs the
-    model and text offline (``oscar_cupy.assets``; on the device machine they are carried in)."""
+    counts, ends at the first near tie). The kernel itself is checked on identical packed data in
+    test_cuda_attention.py. Needs the model and text offline (``oscar_cupy.assets``; on the device machine they are
+    carried in)."""
     from oscar_cupy.assets import AssetError
     from oscar_cupy.assets.models import resolve_model
     from oscar_cupy.assets.texts import shakespeare_plays

@@ -80,6 +80,10 @@ class DecodePlan:
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
         if not math.isfinite(self.scale):
             raise ValueError(f"scale must be finite, got {scale}")
+        rotate = isinstance(config.rotation, str) and config.rotation == "hadamard"
+        # the kernel's rotate, unrotate, hadamard_normalization and scale_log2 arguments
+        self._rotation_args = (np.int32(rotate), np.int32(rotate and config.rotate_values),
+                               hadamard_normalization(head_dim), np.float32(self.scale * math.log2(math.e)))
 
         variant = kernels.decode_variant(head_dim, config.bits, name, config.scale_dtype, config.value_group,
                                          self.row_tiles)
@@ -90,12 +94,11 @@ class DecodePlan:
             cupy.cuda.driver.funcSetAttribute(
                 self._kernel.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, self.shared_bytes
             )
-            slots = _resident_blocks(self._kernel.ptr, self.shared_bytes, self.device_id)
+            slots, sms = _resident_blocks(self._kernel.ptr, self.shared_bytes, self.device_id)
         self.units = batch * kv_heads * self.row_blocks  # (sequence, KV head, row block) triples
         self.unit_steps = -(-max_packed // STEP)
         self.window_splits = -(-max_window // WINDOW_SPLIT)
         self.window_blocks = _window_blocks(self.units, self.window_splits)
-        sms = cupy.cuda.Device(self.device_id).attributes["MultiProcessorCount"]
         self.packed_blocks = _packed_blocks(self.units, slots, sms, self.unit_steps, self.window_splits)
         if self.units * self.unit_steps + WARPS * WINDOW_COST * MAX_PACKED_BLOCKS >= 2**31:
             raise ValueError(f"{self.units * self.unit_steps} packed steps of 32 tokens in one launch: the kernels "
@@ -138,8 +141,6 @@ class DecodePlan:
             window_k, k_strides = _row_strides(window_k)
             window_v, v_strides = _row_strides(window_v)
             window_args = [window_k, *k_strides, window_v, *v_strides]
-        scale_log2 = np.float32(self.scale * math.log2(math.e))
-        rotate = np.int32(isinstance(config.rotation, str) and config.rotation == "hadamard")
         self._kernel(
             (self.packed_blocks + self.window_blocks + self.units,), (THREADS,),
             (q, *q_strides, arrays["k_codes"], arrays["k_scales"], arrays["k_zeros"], arrays["v_codes"],
@@ -149,9 +150,8 @@ class DecodePlan:
              np.int32(self.kv_heads), np.int32(self.q_len), np.int32(self.rows), np.int32(self.row_blocks),
              np.int32(self.units), np.int32(config.key_group), np.int32(self.packed_blocks),
              np.int32(self.unit_steps), np.int32(self.late_blocks), np.int32(self.late_steps),
-             np.int32(self.window_splits), rotate,
-             np.int32(rotate and config.rotate_values), hadamard_normalization(self.head_dim), scale_log2,
-             self.partial_o, self.partial_ml, self.unit_counts, out, self.lse),
+             np.int32(self.window_splits), *self._rotation_args, self.partial_o, self.partial_ml, self.unit_counts,
+             out, self.lse),
             shared_mem=self.shared_bytes,
         )
         return out, self.lse
@@ -188,9 +188,9 @@ class PlanCache:
 
 
 @functools.lru_cache(maxsize=None)
-def _resident_blocks(function_ptr: int, shared_bytes: int, device_id: int) -> int:
-    """Blocks of the ``decode_attention`` function at ``function_ptr`` that the whole GPU holds at once (registers and
-    shared memory permitting)."""
+def _resident_blocks(function_ptr: int, shared_bytes: int, device_id: int) -> tuple[int, int]:
+    """``(slots, SMs)``: blocks of the ``decode_attention`` function at ``function_ptr`` that the whole GPU holds at
+    once (registers and shared memory permitting), and its multiprocessors."""
     attributes = cupy.cuda.Device(device_id).attributes
     registers = -(-cupy.cuda.driver.funcGetAttribute(FUNC_NUM_REGS, function_ptr) // 8) * 8 * THREADS
     static_shared = cupy.cuda.driver.funcGetAttribute(FUNC_SHARED_SIZE_BYTES, function_ptr)
@@ -198,7 +198,8 @@ def _resident_blocks(function_ptr: int, shared_bytes: int, device_id: int) -> in
     per_sm = min(attributes["MaxRegistersPerMultiprocessor"] // registers,
                  attributes["MaxSharedMemoryPerMultiprocessor"] // shared,
                  attributes["MaxThreadsPerMultiProcessor"] // THREADS)
-    return max(1, per_sm) * attributes["MultiProcessorCount"]
+    sms = attributes["MultiProcessorCount"]
+    return max(1, per_sm) * sms, sms
 
 
 # relative durations of a decode step's parts, fitted to H100 measurements: a packed block costs BLOCK_COST per segment

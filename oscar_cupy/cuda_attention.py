@@ -3,9 +3,10 @@
 One launch of ``decode_attention`` per call: split-KV, window blocks each read window splits of 32 tokens, and packed
 blocks share the packed steps of all (sequence, KV head, row block) units evenly, stream-K, each writing a partial
 result per unit it touches (unnormalized outputs for up to 16 query rows of one KV head with their log-sum-exp
-statistics) and counting it in the unit's counter of the workspace; the last blocks of the grid, one per unit, wait for
-their unit's count, merge its partial results exactly, rotate the packed part back, add the window part and write the
-outputs. Nothing dequantized is ever written to memory.
+statistics) and counting it in the unit's counter of the workspace; the last blocks of the grid, one per unit (or one
+per row of each unit where they fit on the GPU beside the others), wait for their unit's count, merge its partial
+results exactly, rotate the packed part back, add the window part and write the outputs. Nothing dequantized is ever
+written to memory.
 
 :class:`DecodePlan` is the plan/run split: a plan fixes the shapes, chooses the packed block count from the GPU's
 resident blocks and the longest sequence (:func:`_packed_blocks`), and owns a reusable workspace and output, so
@@ -87,8 +88,8 @@ class DecodePlan:
 
         variant = kernels.decode_variant(head_dim, config.bits, name, config.scale_dtype, config.value_group,
                                          self.row_tiles)
-        stage_bytes = kernels.decode_stage_bytes(head_dim, config.bits, config.scale_dtype, config.value_group)
-        self.shared_bytes = WARPS * kernels.decode_stages(stage_bytes) * stage_bytes  # the copy pipeline's buffers
+        self.shared_bytes = kernels.decode_shared_bytes(head_dim, config.bits, config.scale_dtype, config.value_group,
+                                                        self.row_tiles)
         with cupy.cuda.Device(self.device_id):
             self._kernel = kernels.function(variant, "decode_attention", self.device_id)
             cupy.cuda.driver.funcSetAttribute(
@@ -105,6 +106,13 @@ class DecodePlan:
                              "count steps in 32 bits; split the batch")
         self.late_blocks, self.late_steps = _late_blocks(
             self.packed_blocks, self.window_blocks, slots, self.units * self.unit_steps)
+        # merge blocks: one per row of each unit where they fit on the GPU beside the others (their warps share the
+        # row's loads), else one per unit (a warp per row)
+        unit_rows = min(rows_per_block, self.rows)
+        if self.packed_blocks + self.window_blocks + self.units * unit_rows <= slots:
+            self.merge_rows, self.merge_blocks = 1, self.units * unit_rows
+        else:
+            self.merge_rows, self.merge_blocks = rows_per_block, self.units
         with cupy.cuda.Device(self.device_id):
             # partial rows: packed segment (block i, unit u) at index i + u, then the window splits of each unit
             partial_rows = (self.packed_blocks + self.units * (1 + self.window_splits)) * rows_per_block
@@ -142,7 +150,7 @@ class DecodePlan:
             window_v, v_strides = _row_strides(window_v)
             window_args = [window_k, *k_strides, window_v, *v_strides]
         self._kernel(
-            (self.packed_blocks + self.window_blocks + self.units,), (THREADS,),
+            (self.packed_blocks + self.window_blocks + self.merge_blocks,), (THREADS,),
             (q, *q_strides, arrays["k_codes"], arrays["k_scales"], arrays["k_zeros"], arrays["v_codes"],
              arrays["v_scales"], arrays["v_zeros"], norms if norms is not None else np.uint64(0),
              np.int32(0 if norms is None else norms.shape[1]), packed_lengths, np.int32(capacity),
@@ -150,8 +158,8 @@ class DecodePlan:
              np.int32(self.kv_heads), np.int32(self.q_len), np.int32(self.rows), np.int32(self.row_blocks),
              np.int32(self.units), np.int32(config.key_group), np.int32(self.packed_blocks),
              np.int32(self.unit_steps), np.int32(self.late_blocks), np.int32(self.late_steps),
-             np.int32(self.window_splits), *self._rotation_args, self.partial_o, self.partial_ml, self.unit_counts,
-             out, self.lse),
+             np.int32(self.window_splits), np.int32(self.merge_rows), *self._rotation_args, self.partial_o,
+             self.partial_ml, self.unit_counts, out, self.lse),
             shared_mem=self.shared_bytes,
         )
         return out, self.lse
@@ -230,23 +238,30 @@ def _window_blocks(units: int, window_splits: int) -> int:
 
 @functools.lru_cache(maxsize=1024)  # the layers of a model plan the same shapes at every flush
 def _packed_blocks(units: int, slots: int, sms: int, steps: int, window_splits: int) -> int:
-    """Packed blocks of a launch (they share the ``units * steps`` packed steps evenly, decode.cu): the count with the
-    shortest estimated step (the fewest among those within 1%), at most one per slot and one per step (and below
-    ``MAX_PACKED_BLOCKS``). Where the whole launch fits on the GPU at once (small batches), the most blocks within 1%
-    instead, as long as no SM takes a third block where the fewest left it two (``sms`` multiprocessors): measured
-    2-7% faster at batch 1 x 16k-32k (without the SM condition 10% slower at SmolLM2 1 x 128k, where a few SMs then
-    ran three blocks).
+    """Packed blocks of a launch (they share the ``units * steps`` packed steps evenly, decode.cu).
 
     ``units`` (sequence, KV head, row block) triples of ``steps`` packed steps and ``window_splits`` 32-token window
-    splits each (in window blocks of WARPS splits); ``slots`` blocks fit on the GPU at once. Estimate: a packed block
-    costs ``BLOCK_COST`` per unit it touches plus ``STEP_COST`` per step of a warp, a window block ``WINDOW_COST``;
-    the window blocks take the slots after the packed blocks, the late blocks (:func:`_late_blocks`) ending with the
-    others; then each unit's merge block adds its segments and window splits (``COMBINE_COST`` per 32). More blocks
-    shorten them but add segments and the merges' work.
+    splits each (in window blocks of WARPS splits); ``slots`` blocks fit on the GPU at once, on ``sms``
+    multiprocessors.
+
+    Where the whole launch fits on the GPU at once (small batches): whole blocks per unit, at most two per
+    multiprocessor, the fewest steps per warp, the fewest blocks among equals. A step there is a chain of dependent
+    latencies as long as its warps' steps, which a third block on a multiprocessor lengthens (H100, forced counts in
+    ``bench/results/decode_small_launch_blocks.json``: 4-11% faster than the estimate below at batch 1 and 1-2 x 4k;
+    SmolLM2 8 x 4k 3% slower than 336 blocks).
+
+    Otherwise the count with the shortest estimated step (the fewest among those within 1%), at most one per slot and
+    one per step (and below ``MAX_PACKED_BLOCKS``). Estimate: a packed block costs ``BLOCK_COST`` per unit it touches
+    plus ``STEP_COST`` per step of a warp, a window block ``WINDOW_COST``; the window blocks take the slots after the
+    packed blocks, the late blocks (:func:`_late_blocks`) ending with the others; then each unit's merge block adds its
+    segments and window splits (``COMBINE_COST`` per 32). More blocks shorten them but add segments and the merges'
+    work.
     """
     total = units * steps
+    if not total:
+        return 0
     window_blocks = _window_blocks(units, window_splits)
-    best, best_time, times = 0, math.inf, {}
+    best, best_time = 0, math.inf
     for blocks in range(1, min(slots, total, MAX_PACKED_BLOCKS) + 1):
         late_blocks, late_steps = _late_blocks(blocks, window_blocks, slots, total)
         block_steps = -(-(total + late_steps * late_blocks) // blocks)  # of an early block
@@ -256,15 +271,14 @@ def _packed_blocks(units: int, slots: int, sms: int, steps: int, window_splits: 
         waiting = max(0, window_blocks - max(0, slots - blocks))  # window blocks after the packed ones on every slot
         launch = max(duration + WINDOW_COST * (waiting // blocks), WINDOW_COST if window_splits else 0)
         unit_segments = blocks // units if aligned else -(-blocks // units) + 1
-        times[blocks] = launch + COMBINE_COST * -(-(unit_segments + window_splits) // 32)
-        if times[blocks] < best_time * 0.99:
-            best, best_time = blocks, times[blocks]
-    others = window_blocks + units  # the window blocks and the merge blocks
-    if best + others > slots:
+        time = launch + COMBINE_COST * -(-(unit_segments + window_splits) // 32)
+        if time < best_time * 0.99:
+            best, best_time = blocks, time
+    if best + window_blocks + units > slots:
         return best
-    limit = 2 * sms if best + others <= 2 * sms else slots
-    return max((blocks for blocks, time in times.items()
-                if blocks >= best and blocks + others <= limit and time <= best_time * 1.01), default=best)
+
+    whole = range(units, min(2 * sms, total, MAX_PACKED_BLOCKS) + 1, units)
+    return min(whole, key=lambda blocks: (-(-(-(-total // blocks)) // WARPS), blocks), default=best)
 
 
 def _row_strides(x):

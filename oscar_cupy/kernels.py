@@ -95,6 +95,14 @@ def decode_stage_bytes(head_dim: int, bits: int, scale_dtype: str, value_group: 
     return 4 * words
 
 
+def decode_shared_bytes(head_dim: int, bits: int, scale_dtype: str, value_group: int, row_tiles: int) -> int:
+    """Dynamic shared memory of a decode block: the copy pipeline's step buffers (``WARPS * STAGES`` of
+    :func:`decode_stage_bytes`), which then take the four warps' output rows for the block's merge (``SCRATCH_ROW`` of
+    ``raw_kernels/decode.cu``: ``head_dim + 4`` floats per row, ``8 * row_tiles`` rows per warp)."""
+    warps, stage_bytes = 4, decode_stage_bytes(head_dim, bits, scale_dtype, value_group)
+    return max(warps * decode_stages(stage_bytes) * stage_bytes, warps * 8 * row_tiles * (head_dim + 4) * 4)
+
+
 def decode_stages(stage_bytes: int) -> int:
     """Pipeline depth of the decode kernel: buffers per warp (three, two for the largest steps; four measured no faster
     on the H100, bench/results/decode_attention.md)."""

@@ -213,10 +213,7 @@ struct RowState {
 };
 
 struct SharedMemory {
-    union {
-        float q[RPB][HEAD_DIM];              // query rows, float32 (staging)
-        float o[RPB][HEAD_DIM];              // then the merge of the warps' outputs
-    };
+    float q[RPB][HEAD_DIM];  // query rows, float32 (staging)
     // packed path: rotated scaled query rows as operand pairs, and the same times each channel's code factor; window
     // path: unrotated scaled query rows as high and low pairs of the window's dtype (window_query_pairs)
     u32 q_pairs[RPB * Q_ROW_STRIDE];
@@ -794,34 +791,44 @@ __device__ __noinline__ void window_split(const SharedMemory& shared, const in_t
     if (lane == 0) atomicAdd(unit_count, 1);  // the warp's partial rows are written
 }
 
-// the block's partial result: the warps' softmax statistics are in shared.row_max/row_sum; each warp adds its rows,
-// scaled to the block maximum, into shared.o through add(warp, factor_of_row), one warp after the other (a fixed
-// order: deterministic); then the block writes partial_o and partial_ml of its first block_rows rows (the others are
-// padding, never read)
-template <typename Add>
-__device__ __forceinline__ void merge_and_store(SharedMemory& shared, int warp, i64 block, int block_rows, Add add,
-                                                float* __restrict__ partial_o, float2* __restrict__ partial_ml) {
-    __syncthreads();
-    auto factor = [&](int w, int row) {
-        float block_max = NEG_INF;
-#pragma unroll
-        for (int v = 0; v < WARPS; ++v) block_max = fmaxf(block_max, shared.row_max[v][row]);
+// The block's partial rows, once every warp has stored its softmax statistics in shared.row_max/row_sum and its
+// unnormalized output rows in `scratch` (warp w's row r at (w * RPB + r) * SCRATCH_ROW floats): thread i adds the
+// warps' channels 4 (i % (D / 4)) .. + 3 of block row i / (D / 4), each warp's scaled to the block maximum, in warp
+// order (deterministic), and writes them to partial_o; threads below block_rows write partial_ml. Rows from block_rows
+// on are padding, never written (nor read).
+#define SCRATCH_ROW (HEAD_DIM + 4)  // floats: padded so that the warps' 16-byte stores of 4 rows do not conflict
+__device__ __forceinline__ void store_block_partials(const SharedMemory& shared, const float* scratch, i64 block,
+                                                     int block_rows, float* __restrict__ partial_o,
+                                                     float2* __restrict__ partial_ml) {
+    auto factor = [&](int w, int row, float block_max) {
         const float mine = shared.row_max[w][row];
         return mine == NEG_INF ? 0.f : fast_exp2(mine - block_max);
     };
-    for (int w = 0; w < WARPS; ++w) {
-        if (warp == w) add(w, factor);
-        __syncthreads();
+    auto block_max_of = [&](int row) {
+        float m = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) m = fmaxf(m, shared.row_max[w][row]);
+        return m;
+    };
+    for (int i = threadIdx.x; i < block_rows * (HEAD_DIM / 4); i += THREADS) {
+        const int row = i / (HEAD_DIM / 4), c = 4 * (i % (HEAD_DIM / 4));
+        const float block_max = block_max_of(row);
+        float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            const float f = factor(w, row, block_max);
+            const float4 x = *reinterpret_cast<const float4*>(scratch + (w * RPB + row) * SCRATCH_ROW + c);
+            sum.x = fmaf(x.x, f, sum.x); sum.y = fmaf(x.y, f, sum.y);
+            sum.z = fmaf(x.z, f, sum.z); sum.w = fmaf(x.w, f, sum.w);
+        }
+        *reinterpret_cast<float4*>(partial_o + (block * RPB + row) * HEAD_DIM + c) = sum;
     }
-    for (int i = threadIdx.x; i < block_rows * HEAD_DIM; i += THREADS)
-        partial_o[block * RPB * HEAD_DIM + i] = shared.o[i / HEAD_DIM][i % HEAD_DIM];
     if (threadIdx.x < block_rows) {
         const int row = threadIdx.x;
-        float block_max = NEG_INF, sum = 0.f;
+        const float block_max = block_max_of(row);
+        float sum = 0.f;
 #pragma unroll
-        for (int v = 0; v < WARPS; ++v) block_max = fmaxf(block_max, shared.row_max[v][row]);
-#pragma unroll
-        for (int v = 0; v < WARPS; ++v) sum += shared.row_sum[v][row] * factor(v, row);
+        for (int w = 0; w < WARPS; ++w) sum += shared.row_sum[w][row] * factor(w, row, block_max);
         partial_ml[block * RPB + row] = make_float2(block_max, sum);
     }
 }
@@ -873,15 +880,37 @@ struct PackedPartition {
     }
 };
 
-// query rows rb * RPB ... of (sequence b, KV head h) into shared.q as float32, zeros beyond `rows`
-__device__ __forceinline__ void stage_queries(SharedMemory& shared, const in_t* __restrict__ q, i64 q_sb, i64 q_sh,
-                                              i64 q_sl, i64 b, int h, int rb, int rows, int q_len) {
+// The query rows rb * RPB ... of (sequence b, KV head h), zeros beyond `rows`, in two parts so that the loads are in
+// flight while the block works out its segment: load_queries takes the rows into registers with 16-byte loads, 8
+// channels per chunk (the plan hands over rows that are 16-byte aligned: _row_strides in oscar_cupy/cuda_attention.py),
+// store_queries puts them into shared.q as float32.
+#define Q_CHUNKS_TOTAL (RPB * HEAD_DIM / 8)
+#define Q_CHUNKS ((Q_CHUNKS_TOTAL + THREADS - 1) / THREADS)  // per thread
+__device__ __forceinline__ void load_queries(u32 (&chunks)[Q_CHUNKS][4], const in_t* __restrict__ q, i64 q_sb, i64 q_sh,
+                                             i64 q_sl, i64 b, int h, int rb, int rows, int q_len) {
     const int group_size = rows / q_len;  // query heads per KV head
-    for (int i = threadIdx.x; i < RPB * HEAD_DIM; i += THREADS) {
-        const int r = rb * RPB + i / HEAD_DIM, c = i % HEAD_DIM;
-        float x = 0.f;
-        if (r < rows) x = in_to_f32(q[b * q_sb + (i64)(h * group_size + r / q_len) * q_sh + (i64)(r % q_len) * q_sl + c]);
-        shared.q[i / HEAD_DIM][c] = x;
+#pragma unroll
+    for (int k = 0; k < Q_CHUNKS; ++k) {
+        const int chunk = threadIdx.x + k * THREADS, r = rb * RPB + chunk / (HEAD_DIM / 8);
+        chunks[k][0] = chunks[k][1] = chunks[k][2] = chunks[k][3] = 0u;
+        if (chunk < Q_CHUNKS_TOTAL && r < rows)
+            load_words(chunks[k], q + b * q_sb + (i64)(h * group_size + r / q_len) * q_sh + (i64)(r % q_len) * q_sl +
+                                      8 * (chunk % (HEAD_DIM / 8)));
+    }
+}
+
+__device__ __forceinline__ void store_queries(SharedMemory& shared, const u32 (&chunks)[Q_CHUNKS][4]) {
+#pragma unroll
+    for (int k = 0; k < Q_CHUNKS; ++k) {
+        const int chunk = threadIdx.x + k * THREADS;
+        if (chunk < Q_CHUNKS_TOTAL) {
+            float* target = &shared.q[chunk / (HEAD_DIM / 8)][8 * (chunk % (HEAD_DIM / 8))];
+#pragma unroll
+            for (int e = 0; e < 8; e += 4)
+                *reinterpret_cast<float4*>(target + e) = make_float4(
+                    in_to_f32((in_t)(chunks[k][e / 2] & 0xffffu)), in_to_f32((in_t)(chunks[k][e / 2] >> 16)),
+                    in_to_f32((in_t)(chunks[k][e / 2 + 1] & 0xffffu)), in_to_f32((in_t)(chunks[k][e / 2 + 1] >> 16)));
+        }
     }
 }
 
@@ -904,6 +933,8 @@ __device__ __noinline__ void run_segment(
 
     const int bh = u / row_blocks, rb = u % row_blocks, h = bh % kv_heads;
     const i64 b = bh / kv_heads;
+    u32 query_chunks[Q_CHUNKS][4];
+    load_queries(query_chunks, q, q_sb, q_sh, q_sl, b, h, rb, rows, q_len);
     const i64 packed = packed_lengths[b], windowed = window_lengths != nullptr ? window_lengths[b] : 0;
     // the segment's tokens: to the sequence's end in the unit's last step
     const i64 split_start = (i64)first_step * STEP;
@@ -928,7 +959,7 @@ __device__ __noinline__ void run_segment(
     args.k_zeros = k_zeros + (i64)bh * args.groups * HEAD_DIM;
     args.first_token = first_token;
     start_copies(buffers, args, my_steps, lane);
-    stage_queries(shared, q, q_sb, q_sh, q_sl, b, h, rb, rows, q_len);
+    store_queries(shared, query_chunks);
     __syncthreads();
 
     // rotate the query rows, scale, store as operand pairs in the lanes' channel order
@@ -1008,26 +1039,24 @@ __device__ __noinline__ void run_segment(
             }
         }
     }
-    merge_and_store(shared, warp, partial_index, block_rows, [&](int w, auto factor) {
+    __syncthreads();  // every warp's copies are done: the step buffers take the warps' output rows
+    float* scratch = reinterpret_cast<float*>(step_buffers);
 #pragma unroll
-        for (int rt = 0; rt < ROW_TILES; ++rt) {
+    for (int rt = 0; rt < ROW_TILES; ++rt) {
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int row = 8 * rt + 2 * p + e;
-                const float f = factor(w, row);
+        for (int e = 0; e < 2; ++e) {
+            const int row = 8 * rt + 2 * p + e;
+            if (row >= block_rows) continue;
+            float* target = scratch + (warp * RPB + row) * SCRATCH_ROW + 4 * g;
 #pragma unroll
-                for (int i = 0; i < VALUE_TILES; ++i) {
-                    const int channel = 32 * (i / 2) + 4 * g + 2 * (i % 2);
-#pragma unroll
-                    for (int half = 0; half < 2; ++half) {
-                        float* cell = &shared.o[row][channel + half];
-                        const float x = out[rt][i][2 * half + e] * f;
-                        *cell = w == 0 ? x : *cell + x;
-                    }
-                }
-            }
+            for (int blk = 0; blk < VALUE_BLOCKS; ++blk)  // channels 32 blk + 4 g .. + 3 (see the O^T fragments)
+                *reinterpret_cast<float4*>(target + 32 * blk) =
+                    make_float4(out[rt][2 * blk][e], out[rt][2 * blk][2 + e], out[rt][2 * blk + 1][e],
+                                out[rt][2 * blk + 1][2 + e]);
         }
-    }, partial_o, partial_ml);
+    }
+    __syncthreads();
+    store_block_partials(shared, scratch, partial_index, block_rows, partial_o, partial_ml);
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) atomicAdd(unit_count, 1);  // the block's partial rows are written
@@ -1073,46 +1102,102 @@ __device__ __forceinline__ void load_words_l2(u32 (&out)[N], const void* source)
     }
 }
 
-// The outputs of unit u from its partial results (UnitParts), by the unit's merge block: warp w merges the block's
-// query rows w, w + WARPS, ... - the packed segments' and then the window splits' partial rows in a fixed order, each
-// lane reading every split's statistics -, rotates the packed part back (unrotate), adds the window part,
-// normalizes and writes out (B, q_heads, q_len, D) contiguous in the query dtype and lse (B, q_heads, q_len) float32
-// (natural log; -inf and a zero row where nothing is visible). Not inlined: its name places it after the window
-// function, away from the packed blocks' instructions.
+// The outputs of unit u from its partial results (UnitParts), by a merge block of the unit: its block rows `row`,
+// `row` + row_step, ... below the unit's block rows, each by a team of `team` warps (1, or WARPS with row_step WARPS:
+// merge blocks of one row each). A team merges the packed segments' and then the window splits' partial rows in a
+// fixed order (member w of a team takes the chunks w, w + team, ... and the team's members are merged in order through
+// `scratch`), rotates the packed part back (unrotate), adds the window part, normalizes and writes out
+// (B, q_heads, q_len, D) contiguous in the query dtype and lse (B, q_heads, q_len) float32 (natural log; -inf and a
+// zero row where nothing is visible). The partial rows come MERGE_CHUNK at a time, all of a chunk's loads in flight at
+// once (lane s of the chunk reads split s's statistics, every lane its channels of every split), with a running maximum
+// across chunks. Not inlined: its name places it after the window function, away from the packed blocks' instructions.
+#define MERGE_CHUNK (64 / LANE_ELEMENTS < WARP ? 64 / LANE_ELEMENTS : WARP)  // 64 registers in flight (128 spill)
+#define MEMBER_FLOATS (2 * LANE_ELEMENTS * WARP + 2)  // a team member's part in scratch: outputs, then max and sum
 __device__ __noinline__ void write_unit_outputs(const float* __restrict__ partial_o,
                                                 const float2* __restrict__ partial_ml, const UnitParts& parts, int u,
-                                                int units, int packed_blocks, int window_splits, int kv_heads,
-                                                int q_len, int rows, int row_blocks, int unrotate,
-                                                float hadamard_normalization, in_t* __restrict__ out,
-                                                float* __restrict__ lse) {
-    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+                                                int row, int row_step, int team, float* scratch, int units,
+                                                int packed_blocks, int window_splits, int kv_heads, int q_len,
+                                                int rows, int row_blocks, int unrotate, float hadamard_normalization,
+                                                in_t* __restrict__ out, float* __restrict__ lse) {
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, member = warp % team;
     const int bh = u / row_blocks, rb = u % row_blocks, block_rows = min(RPB, rows - rb * RPB);
     const int splits = parts.packed + window_splits;
-    for (int local = warp; local < block_rows; local += WARPS) {
+    for (int local = row + warp / team; local < block_rows; local += row_step) {
         const i64 packed_row = ((i64)parts.first + u) * RPB + local;  // partial row of packed split s: + s * RPB
         const i64 window_row = ((i64)packed_blocks + units + (i64)u * window_splits - parts.packed) * RPB + local;
         auto partial_row = [&](int s) { return (s < parts.packed ? packed_row : window_row) + (i64)s * RPB; };
 
-        float m = NEG_INF;
-        for (int s = lane; s < splits; s += WARP) m = fmaxf(m, __ldcg(partial_ml + partial_row(s)).x);
-#pragma unroll
-        for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-
-        float packed[LANE_ELEMENTS], window[LANE_ELEMENTS], sum = 0.f;
+        float m = NEG_INF, sum = 0.f, packed[LANE_ELEMENTS], window[LANE_ELEMENTS];
 #pragma unroll
         for (int e = 0; e < LANE_ELEMENTS; ++e) packed[e] = window[e] = 0.f;
-#pragma unroll 8
-        for (int s = 0; s < splits; ++s) {
-            const i64 row = partial_row(s);
-            const float2 ml = __ldcg(partial_ml + row);
-            u32 o[LANE_ELEMENTS];
-            load_words_l2(o, partial_o + row * HEAD_DIM + lane * LANE_ELEMENTS);
-            const float factor = ml.x == NEG_INF ? 0.f : fast_exp2(ml.x - m);
+        for (int first = member * MERGE_CHUNK; first < splits; first += team * MERGE_CHUNK) {
+            const int mine = first + lane;
+            const float2 ml = lane < MERGE_CHUNK && mine < splits ? __ldcg(partial_ml + partial_row(mine))
+                                                                    : make_float2(NEG_INF, 0.f);
+            u32 o[MERGE_CHUNK][LANE_ELEMENTS];
+#pragma unroll
+            for (int k = 0; k < MERGE_CHUNK; ++k) {
+                if (first + k < splits) {
+                    load_words_l2(o[k], partial_o + partial_row(first + k) * HEAD_DIM + lane * LANE_ELEMENTS);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < LANE_ELEMENTS; ++e) o[k][e] = 0u;
+                }
+            }
+            float chunk_max = ml.x;
+#pragma unroll
+            for (int off = 16; off > 0; off /= 2)
+                chunk_max = fmaxf(chunk_max, __shfl_xor_sync(0xffffffffu, chunk_max, off));
+            const float m_new = fmaxf(m, chunk_max);
+            if (m_new != m) {  // uniform: rescale what the earlier chunks added (nothing before the first)
+                const float alpha = m == NEG_INF ? 0.f : fast_exp2(m - m_new);
+                sum *= alpha;
+#pragma unroll
+                for (int e = 0; e < LANE_ELEMENTS; ++e) { packed[e] *= alpha; window[e] *= alpha; }
+                m = m_new;
+            }
+            const float factor = ml.x == NEG_INF ? 0.f : fast_exp2(ml.x - m);  // split `mine`'s
             sum += ml.y * factor;
 #pragma unroll
+            for (int k = 0; k < MERGE_CHUNK; ++k) {
+                const float f = __shfl_sync(0xffffffffu, factor, k);
+                const bool is_packed = first + k < parts.packed;
+                const float fp = is_packed ? f : 0.f, fw = is_packed ? 0.f : f;
+#pragma unroll
+                for (int e = 0; e < LANE_ELEMENTS; ++e) {
+                    packed[e] = fmaf(__uint_as_float(o[k][e]), fp, packed[e]);
+                    window[e] = fmaf(__uint_as_float(o[k][e]), fw, window[e]);
+                }
+            }
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+        if (team > 1) {  // the members' parts, in member order, by member 0 (the team is the block: row_step WARPS)
+            float* mine = scratch + warp * MEMBER_FLOATS;
+#pragma unroll
             for (int e = 0; e < LANE_ELEMENTS; ++e) {
-                if (s < parts.packed) packed[e] = fmaf(__uint_as_float(o[e]), factor, packed[e]);
-                else window[e] = fmaf(__uint_as_float(o[e]), factor, window[e]);
+                mine[e * WARP + lane] = packed[e];
+                mine[(LANE_ELEMENTS + e) * WARP + lane] = window[e];
+            }
+            if (lane == 0) { mine[MEMBER_FLOATS - 2] = m; mine[MEMBER_FLOATS - 1] = sum; }
+            __syncthreads();
+            if (member != 0) continue;
+            float team_max = NEG_INF;
+            for (int w = 0; w < team; ++w) team_max = fmaxf(team_max, scratch[(w + 1) * MEMBER_FLOATS - 2]);
+            m = team_max;
+            sum = 0.f;
+#pragma unroll
+            for (int e = 0; e < LANE_ELEMENTS; ++e) packed[e] = window[e] = 0.f;
+            for (int w = 0; w < team; ++w) {
+                const float* theirs = scratch + w * MEMBER_FLOATS;
+                const float their_max = theirs[MEMBER_FLOATS - 2];
+                const float f = their_max == NEG_INF ? 0.f : fast_exp2(their_max - team_max);
+                sum = fmaf(theirs[MEMBER_FLOATS - 1], f, sum);
+#pragma unroll
+                for (int e = 0; e < LANE_ELEMENTS; ++e) {
+                    packed[e] = fmaf(theirs[e * WARP + lane], f, packed[e]);
+                    window[e] = fmaf(theirs[(LANE_ELEMENTS + e) * WARP + lane], f, window[e]);
+                }
             }
         }
         if (unrotate) fwht_row<HEAD_DIM, LANE_ELEMENTS>(packed, lane, hadamard_normalization);
@@ -1128,16 +1213,17 @@ __device__ __noinline__ void write_unit_outputs(const float* __restrict__ partia
     }
 }
 
-// Grid (packed_blocks + units * ceil(window_splits / WARPS) + units), THREADS threads: the packed blocks, then the
-// window blocks (window split s of a unit covers window tokens [32 s, 32 s + 32), the last one to the end), then one
-// merge block per unit. Each packed segment (a block) and each window split (a warp) adds one to its unit's count in
-// unit_counts (int32, zero at the launch and again after it) once its partial rows are written; the unit's merge block
-// waits for the count (the blocks before it in the grid are all resident or done by then: blocks start in grid order)
-// and writes the outputs (write_unit_outputs). One launch instead of a second kernel for the merge (measured on the
-// H100 at 1 x 4k: 13.4 -> 13.2 us replayed in a CUDA graph, 62 -> 37 us per call launched from Python). The counts sit
-// at the ends of run_segment and window_split: a global memory access in this body after their calls makes ptxas keep
-// the memory descriptor in ordinary registers in every function (an R2UR before each load, the packed loop 691 -> 722
-// instructions).
+// Grid (packed_blocks + units * ceil(window_splits / WARPS) + merge blocks), THREADS threads: the packed blocks, then
+// the window blocks (window split s of a unit covers window tokens [32 s, 32 s + 32), the last one to the end), then
+// the merge blocks: one per unit (merge_rows RPB), or one per row of each unit (merge_rows 1: units * min(RPB, rows),
+// for launches that fit on the GPU at once). Each packed segment (a block) and each window split (a warp) adds one to
+// its unit's count in unit_counts (int32, zero at the launch and again after it) once its partial rows are written; the
+// unit's merge blocks wait for the count (the blocks before them in the grid are all resident or done by then: blocks
+// start in grid order) and write the outputs (write_unit_outputs). One launch instead of a second kernel for the merge
+// (measured on the H100 at 1 x 4k: 13.4 -> 13.2 us replayed in a CUDA graph, 62 -> 37 us per call launched from
+// Python). The counts sit at the ends of run_segment and window_split: a global memory access in this body after their
+// calls makes ptxas keep the memory descriptor in ordinary registers in every function (an R2UR before each load, the
+// packed loop 691 -> 722 instructions).
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_attention(
     const in_t* __restrict__ q, i64 q_sb, i64 q_sh, i64 q_sl,
     const u32* __restrict__ k_codes, const scale_t* __restrict__ k_scales, const scale_t* __restrict__ k_zeros,
@@ -1146,7 +1232,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_attenti
     const in_t* __restrict__ window_k, i64 wk_sb, i64 wk_sh, i64 wk_st,
     const in_t* __restrict__ window_v, i64 wv_sb, i64 wv_sh, i64 wv_st, const i64* __restrict__ window_lengths,
     int kv_heads, int q_len, int rows, int row_blocks, int units, int key_group, int packed_blocks, int unit_steps,
-    int late_blocks, int late_steps, int window_splits, int rotate, int unrotate,
+    int late_blocks, int late_steps, int window_splits, int merge_rows, int rotate, int unrotate,
     float hadamard_normalization, float scale_log2, float* __restrict__ partial_o, float2* __restrict__ partial_ml,
     int* __restrict__ unit_counts, in_t* __restrict__ out, float* __restrict__ lse) {
     __shared__ SharedMemory shared;
@@ -1155,17 +1241,30 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_attenti
     const int window_grid = units * window_blocks;                   // window blocks of the launch
     const i64 window_base = (i64)packed_blocks + units;  // partial index of unit 0's window split 0
 
+    // STAGES step buffers per warp for the packed blocks, 128-byte aligned: the copies of a warp fill whole 128-byte
+    // lines of shared memory (a base 16 bytes off, as a static shared size of 11536 bytes gives, measured 5-9% slower)
+    extern __shared__ __align__(128) StepBuffer step_buffers[];
+
     if (blockIdx.x >= (unsigned)(packed_blocks + window_grid)) {
-        // ---- the merge block of unit u: waits for its partial results, merges them, resets the unit's count
-        const int u = blockIdx.x - (packed_blocks + window_grid);
+        // ---- merge block k of unit u (merge_rows 1: one per row of the unit, its warps sharing the row; RPB: one for
+        // all of the unit's rows): waits for the unit's partial results and merges them; the last of the unit's merge
+        // blocks to see the count resets it
+        const bool one_row = merge_rows == 1;
+        const int per_unit = one_row ? min(RPB, rows) : 1;
+        const int j = blockIdx.x - (packed_blocks + window_grid), u = j / per_unit, k = j % per_unit;
+        const int mergers = one_row ? min(RPB, rows - u % row_blocks * RPB) : 1;  // the unit's blocks with a row
+        if (k >= mergers) return;
         const UnitParts parts(units, unit_steps, packed_blocks, late_blocks, late_steps, u);
         if (threadIdx.x == 0) {
-            while (load_acquire(unit_counts + u) < parts.packed + window_splits) __nanosleep(100);
-            unit_counts[u] = 0;
+            const int count = parts.packed + window_splits;
+            while (load_acquire(unit_counts + u) < count) __nanosleep(100);
+            if (mergers == 1 || atomicAdd(unit_counts + u, 1) == count + mergers - 1) unit_counts[u] = 0;
         }
         __syncthreads();
-        write_unit_outputs(partial_o, partial_ml, parts, u, units, packed_blocks, window_splits, kv_heads, q_len, rows,
-                           row_blocks, unrotate, hadamard_normalization, out, lse);
+        write_unit_outputs(partial_o, partial_ml, parts, u, one_row ? k : 0, one_row ? RPB : WARPS,
+                           one_row ? WARPS : 1, reinterpret_cast<float*>(step_buffers), units, packed_blocks,
+                           window_splits, kv_heads, q_len, rows, row_blocks, unrotate, hadamard_normalization, out,
+                           lse);
         return;
     }
     if (blockIdx.x < (unsigned)packed_blocks) {
@@ -1173,9 +1272,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_attenti
         const PackedPartition partition(units, unit_steps, packed_blocks, late_blocks, late_steps);
         const int i = blockIdx.x;
         const int block_start_step = partition.start(i), block_stop_step = partition.start(i + 1);
-        // STAGES per warp, 128-byte aligned: the copies of a warp fill whole 128-byte lines of shared memory (a base 16
-        // bytes off, as a static shared size of 11536 bytes gives, measured 5-9% slower)
-        extern __shared__ __align__(128) StepBuffer step_buffers[];
         for (int x = block_start_step; x < block_stop_step;) {
             if (x > block_start_step) __syncthreads();  // the shared memory of the block's previous segment is free
             const int u = x / unit_steps;
@@ -1194,6 +1290,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_attenti
     const int index = blockIdx.x - packed_blocks, u = index / window_blocks, wb = index % window_blocks;
     const int bh = u / row_blocks, rb = u % row_blocks, h = bh % kv_heads;
     const i64 b = bh / kv_heads;
+    u32 query_chunks[Q_CHUNKS][4];
+    load_queries(query_chunks, q, q_sb, q_sh, q_sl, b, h, rb, rows, q_len);
     const i64 windowed = window_lengths[b];
     const int split = wb * WARPS + warp;
     const i64 block_start = (i64)wb * WARPS * WINDOW_SPLIT;
@@ -1205,7 +1303,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_attenti
         prefetch_row(window_keys + j * wk_st);
         prefetch_row(window_values + j * wv_st);
     }
-    stage_queries(shared, q, q_sb, q_sh, q_sl, b, h, rb, rows, q_len);
+    store_queries(shared, query_chunks);
     __syncthreads();
     window_query_pairs(shared, scale_log2);
     __syncthreads();

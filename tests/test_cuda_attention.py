@@ -265,6 +265,19 @@ def test_plan_reuse_and_cuda_graph_capture(rng):
     assert not plan.unit_counts.any()  # the merge blocks leave the counts at zero for the next run
 
 
+def check_repeated_runs(plan, q, qkv, wk, wv, lengths, reference):
+    """Two runs of `plan` with poisoned partial results, output and memory pool: both match `reference`, and each
+    leaves the merge counters at zero for the next."""
+    for _ in range(2):
+        plan.partial_o.fill(cupy.nan)
+        plan.out.fill(cupy.nan)
+        poison_memory_pool()
+        out, _ = plan.run(cupy.asarray(q), to_gpu(qkv).arrays(), cupy.asarray(qkv.lengths), cupy.asarray(wk),
+                          cupy.asarray(wv), cupy.asarray(np.asarray(lengths, np.int64)))
+        assert relative_error(cupy.asnumpy(out), reference) <= TOLERANCE[BF16]
+        assert not plan.unit_counts.any()
+
+
 def test_merge_blocks_wait_for_their_units(rng):
     """More blocks than the GPU holds at once, the merge blocks last: they start while packed and window blocks of
     their units are still running or waiting for a slot, and wait for them (mixed lengths); a second run finds the
@@ -276,16 +289,25 @@ def test_merge_blocks_wait_for_their_units(rng):
     reference = oc.decode_attention(q, qkv, wk, wv, lengths=lengths)
     plan = DecodePlan(qkv.config, batch=batch, q_heads=4 * kv_heads, kv_heads=kv_heads, q_len=1, head_dim=128,
                       dtype=BF16, max_packed=max(packed), max_window=max(window))
-    grid = plan.packed_blocks + plan.window_blocks + plan.units
+    grid = plan.packed_blocks + plan.window_blocks + plan.merge_blocks
     assert grid > 3 * cupy.cuda.Device().attributes["MultiProcessorCount"]
-    for _ in range(2):
-        plan.partial_o.fill(cupy.nan)
-        plan.out.fill(cupy.nan)
-        poison_memory_pool()
-        out, _ = plan.run(cupy.asarray(q), to_gpu(qkv).arrays(), cupy.asarray(qkv.lengths), cupy.asarray(wk),
-                          cupy.asarray(wv), cupy.asarray(np.asarray(lengths, np.int64)))
-        assert relative_error(cupy.asnumpy(out), reference) <= TOLERANCE[BF16]
-        assert not plan.unit_counts.any()
+    check_repeated_runs(plan, q, qkv, wk, wv, lengths, reference)
+
+
+@pytest.mark.parametrize("merge_rows", [1, 16])
+def test_merge_blocks_one_per_row_or_per_unit(rng, merge_rows):
+    """Both merge layouts (the plan forced each way): a merge block per row of each unit, its warps sharing the row's
+    partial results (a second row block with fewer rows, whose surplus merge blocks exit), or one per unit with a warp
+    per row; mixed lengths, causal rows, two runs (the counts back at zero in between)."""
+    q, qkv, wk, wv, lengths = make_case(rng, batch=2, kv_heads=2, group=4, q_len=6, packed=(1500, 333),
+                                        window=(70, 9))
+    reference = oc.decode_attention(q, qkv, wk, wv, lengths=lengths)
+    plan = DecodePlan(qkv.config, batch=2, q_heads=8, kv_heads=2, q_len=6, head_dim=128, dtype=BF16, max_packed=1500,
+                      max_window=96)
+    assert (plan.rows, plan.row_blocks) == (24, 2)
+    plan.merge_rows = merge_rows
+    plan.merge_blocks = plan.units * (16 if merge_rows == 1 else 1)
+    check_repeated_runs(plan, q, qkv, wk, wv, lengths, reference)
 
 
 def test_plan_sized_for_fewer_tokens_still_reads_everything(rng):
@@ -345,11 +367,12 @@ def test_packed_block_model():
             blocks = _packed_blocks(units, 396, 132, steps, window_splits)
             assert 1 <= blocks <= min(396, units * steps)
     assert _packed_blocks(8, 396, 132, 0, 4) == 0  # nothing packed
-    # batch 1 x 4k of 8 KV heads with 4 window splits (one window block each): the whole launch fits at once, so the
-    # most blocks within 1% of the best estimate, 28 per unit (whole blocks per unit)
-    assert _packed_blocks(8, 396, 132, 124, 4) == 224
-    # SmolLM2 1 x 128k (3 KV heads): the fewest, 258, leave each SM two blocks (258 + 3 window + 3 merge blocks =
-    # 2 x 132); more would give a few SMs a third
+    # the whole launch fits on the GPU at once: whole blocks per unit, at most two per SM, the fewest steps per warp,
+    # then the fewest blocks. Batch 1 x 4k of 8 KV heads (992 steps): a step per warp, 31 blocks per unit; 1 x 32k
+    # (8160 steps): 256 and 264 blocks both leave a warp 8 steps; SmolLM2 1 x 128k (3 KV heads, 12276 steps): 12
+    # steps per warp from 258 blocks on
+    assert _packed_blocks(8, 396, 132, 124, 4) == 248
+    assert _packed_blocks(8, 396, 132, 1020, 4) == 256
     assert _packed_blocks(3, 396, 132, 4092, 4) == 258
     # large sizes: the fewest within 1%
     assert 385 <= _packed_blocks(256, 396, 132, 508, 4) <= 396

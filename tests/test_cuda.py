@@ -171,6 +171,32 @@ def test_torch_tensors_on_torch_stream(rng):
     assert torch.equal(keys.cpu(), reference.dequantize()[0])
 
 
+def test_quantize_captured_in_a_cuda_graph(rng):
+    """The write path's two kernels (the value kernel on a second stream, forked from and joined back into the
+    current one) capture into a CUDA graph; a replay writes what the CPU reference writes, before the stream's next
+    work (copies made on the stream right after it)."""
+    batch, heads, tokens = 4, 8, 2048
+    k, v = random_kv(rng, batch=batch, kv_heads=heads, tokens=tokens, head_dim=128)
+    config = oc.QuantConfig()
+    cpu = oc.quantize_kv(k, v, config).arrays()
+    k_gpu, v_gpu = cupy.asarray(k), cupy.asarray(v)
+    lengths = cupy.full(batch, tokens, dtype=cupy.int64)
+    out = cuda_backend.allocate(config, batch, heads, layout.capacity(tokens, config), 128)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        cuda_backend.launch_quantize(k_gpu, v_gpu, config, lengths, out)  # compiles
+        stream.begin_capture()
+        refused = cuda_backend.launch_quantize(k_gpu, v_gpu, config, lengths, out)
+        graph = stream.end_capture()
+        poisoned(out)
+        graph.launch(stream)
+        copies = {name: array.copy() for name, array in out.items()}
+    stream.synchronize()
+    assert int(refused.get()[0]) == 0
+    for name, array in cpu.items():
+        np.testing.assert_array_equal(cupy.asnumpy(copies[name]).view(np.uint8), array.view(np.uint8), err_msg=name)
+
+
 @pytest.mark.skipif(GPUS < 2, reason="one GPU")
 def test_launches_on_the_inputs_device(rng):
     k, v = random_kv(rng, tokens=64)

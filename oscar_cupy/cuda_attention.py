@@ -245,7 +245,8 @@ def _packed_blocks(units: int, slots: int, sms: int, steps: int, window_splits: 
     multiprocessors.
 
     Where the whole launch fits on the GPU at once (small batches): whole blocks per unit, at most two per
-    multiprocessor, the fewest steps per warp, the fewest blocks among equals. A step there is a chain of dependent
+    multiprocessor (and leaving slots for the window and merge blocks), the fewest steps per warp, the fewest blocks
+    among equals. A step there is a chain of dependent
     latencies as long as its warps' steps, which a third block on a multiprocessor lengthens (H100, forced counts in
     ``bench/results/decode_small_launch_blocks.json``: 4-11% faster than the estimate below at batch 1 and 1-2 x 4k;
     SmolLM2 8 x 4k 3% slower than 336 blocks).
@@ -277,7 +278,7 @@ def _packed_blocks(units: int, slots: int, sms: int, steps: int, window_splits: 
     if best + window_blocks + units > slots:
         return best
 
-    whole = range(units, min(2 * sms, total, MAX_PACKED_BLOCKS) + 1, units)
+    whole = range(units, min(2 * sms, slots - window_blocks - units, total, MAX_PACKED_BLOCKS) + 1, units)
     return min(whole, key=lambda blocks: (-(-(-(-total // blocks)) // WARPS), blocks), default=best)
 
 

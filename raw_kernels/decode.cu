@@ -1103,8 +1103,8 @@ __device__ __forceinline__ void load_words_l2(u32 (&out)[N], const void* source)
 }
 
 // The outputs of unit u from its partial results (UnitParts), by a merge block of the unit: its block rows `row`,
-// `row` + row_step, ... below the unit's block rows, each by a team of `team` warps (1, or WARPS with row_step WARPS:
-// merge blocks of one row each). A team merges the packed segments' and then the window splits' partial rows in a
+// `row` + row_step, ... below the unit's block rows, each by a team of `team` warps (1 with row_step WARPS, or WARPS
+// with row_step RPB: merge blocks of one row each). A team merges the packed segments' and then the window splits' partial rows in a
 // fixed order (member w of a team takes the chunks w, w + team, ... and the team's members are merged in order through
 // `scratch`), rotates the packed part back (unrotate), adds the window part, normalizes and writes out
 // (B, q_heads, q_len, D) contiguous in the query dtype and lse (B, q_heads, q_len) float32 (natural log; -inf and a

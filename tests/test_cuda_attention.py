@@ -374,8 +374,9 @@ def test_packed_block_model():
     assert _packed_blocks(8, 396, 132, 124, 4) == 248
     assert _packed_blocks(8, 396, 132, 1020, 4) == 256
     assert _packed_blocks(3, 396, 132, 4092, 4) == 258
-    # one block per SM (large shared memory): the slots bound it, with room for the window and merge blocks
-    assert _packed_blocks(8, 132, 132, 1020, 4) <= 132 - 8 - 8
+    # one block per SM (large shared memory), a launch that fits: the slots bound it, with room for the window and
+    # merge blocks (a step per warp would take 248)
+    assert _packed_blocks(8, 132, 132, 124, 4) <= 132 - 8 - 8
     # large sizes: the fewest within 1%
     assert 385 <= _packed_blocks(256, 396, 132, 508, 4) <= 396
     # 64 window blocks after 396 packed blocks: the last 64 packed blocks take 16 steps (4 per warp) fewer

@@ -246,10 +246,9 @@ def _packed_blocks(units: int, slots: int, sms: int, steps: int, window_splits: 
 
     Where the whole launch fits on the GPU at once (small batches): whole blocks per unit, at most two per
     multiprocessor (and leaving slots for the window and merge blocks), the fewest steps per warp, the fewest blocks
-    among equals. A step there is a chain of dependent
-    latencies as long as its warps' steps, which a third block on a multiprocessor lengthens (H100, forced counts in
-    ``bench/results/decode_small_launch_blocks.json``: 4-11% faster than the estimate below at batch 1 and 1-2 x 4k;
-    SmolLM2 8 x 4k 3% slower than 336 blocks).
+    among equals. A step there is a chain of dependent latencies as long as its warps' steps, which a third block on a
+    multiprocessor lengthens (H100, forced counts in ``bench/results/decode_small_launch_blocks.json``: 4-11% faster
+    than the estimate below at batch 1 and 1-2 x 4k; SmolLM2 8 x 4k 3% slower than 336 blocks).
 
     Otherwise the count with the shortest estimated step (the fewest among those within 1%), at most one per slot and
     one per step (and below ``MAX_PACKED_BLOCKS``). Estimate: a packed block costs ``BLOCK_COST`` per unit it touches

@@ -2,9 +2,10 @@
 
 Every launch goes to the device that holds the inputs and onto the current stream of that device (for torch tensors,
 torch's current stream: see :func:`launch_context`); the value kernel of a quantization runs on a second stream beside
-the key kernel, forked from and joined back into the current one (:func:`launch_quantize`). Results equal the CPU reference's bit for bit (see
-``raw_kernels/common.cuh``), except token norms, whose float64 sums may round differently once in ~1e15 cases, and
-user-given rotation matrices, applied with a float64 matrix product whose summation order differs from numpy's.
+the key kernel, forked from and joined back into the current one (:func:`launch_quantize`). Results equal the CPU
+reference's bit for bit (see ``raw_kernels/common.cuh``), except token norms, whose float64 sums may round differently
+once in ~1e15 cases, and user-given rotation matrices, applied with a float64 matrix product whose summation order
+differs from numpy's.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import pathlib
 import cupy
 import ml_dtypes
 import numpy as np
-from decode_attention import LLAMA, SMOLLM2, WINDOW, random_packed, time_ms
+from decode_attention import LLAMA, SMOLLM2, WINDOW, random_packed, replayed, time_ms
 
 import oscar_cupy as oc
 import oscar_cupy.cuda_attention as cuda_attention
@@ -103,17 +103,6 @@ def step(config, batch, tokens, shape, blocks=None):
     finally:
         cuda_attention._packed_blocks = model
     return plan, lambda: plan.run(q, arrays, packed_lengths, window_k, window_v, window_lengths)
-
-
-def replayed(run):
-    """``(graph, stream)``: ``run`` captured in a CUDA graph."""
-    stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
-        run()
-        stream.begin_capture()
-        run()
-        graph = stream.end_capture()
-    return graph, stream
 
 
 def timeline(config, batch, tokens, shape, replays):

@@ -108,11 +108,9 @@ class DecodePlan:
             self.packed_blocks, self.window_blocks, slots, self.units * self.unit_steps)
         # merge blocks: one per row of each unit where they fit on the GPU beside the others (their warps share the
         # row's loads), else one per unit (a warp per row)
-        unit_rows = min(rows_per_block, self.rows)
-        if self.packed_blocks + self.window_blocks + self.units * unit_rows <= slots:
-            self.merge_rows, self.merge_blocks = 1, self.units * unit_rows
-        else:
-            self.merge_rows, self.merge_blocks = rows_per_block, self.units
+        self.merge_rows = 1
+        if self.packed_blocks + self.window_blocks + self.merge_blocks > slots:
+            self.merge_rows = rows_per_block
         with cupy.cuda.Device(self.device_id):
             # partial rows: packed segment (block i, unit u) at index i + u, then the window splits of each unit
             partial_rows = (self.packed_blocks + self.units * (1 + self.window_splits)) * rows_per_block
@@ -121,6 +119,11 @@ class DecodePlan:
             self.unit_counts = cupy.zeros(self.units, dtype=cupy.int32)  # zero between launches (decode.cu)
             self.out = cupy.empty((batch, q_heads, q_len, head_dim), dtype=self.dtype)
             self.lse = cupy.empty((batch, q_heads, q_len), dtype=cupy.float32)
+
+    @property
+    def merge_blocks(self) -> int:
+        """Merge blocks of a launch: one per unit, or one per row of each unit (``merge_rows`` 1, decode.cu)."""
+        return self.units * (min(8 * self.row_tiles, self.rows) if self.merge_rows == 1 else 1)
 
     def run(self, q, packed: dict, packed_lengths, window_k=None, window_v=None, window_lengths=None, out=None):
         """Attention of ``q`` over the packed tokens and the window; returns ``(out, lse)``.
@@ -277,8 +280,11 @@ def _packed_blocks(units: int, slots: int, sms: int, steps: int, window_splits: 
     if best + window_blocks + units > slots:
         return best
 
+    def warp_steps(blocks):  # of a warp of an early block
+        return -(-(-(-total // blocks)) // WARPS)
+
     whole = range(units, min(2 * sms, slots - window_blocks - units, total, MAX_PACKED_BLOCKS) + 1, units)
-    return min(whole, key=lambda blocks: (-(-(-(-total // blocks)) // WARPS), blocks), default=best)
+    return min(whole, key=lambda blocks: (warp_steps(blocks), blocks), default=best)
 
 
 def _row_strides(x):

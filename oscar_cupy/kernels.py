@@ -98,7 +98,8 @@ def decode_stage_bytes(head_dim: int, bits: int, scale_dtype: str, value_group: 
 def decode_shared_bytes(head_dim: int, bits: int, scale_dtype: str, value_group: int, row_tiles: int) -> int:
     """Dynamic shared memory of a decode block: the copy pipeline's step buffers (``WARPS * STAGES`` of
     :func:`decode_stage_bytes`), which then take the four warps' output rows for the block's merge (``SCRATCH_ROW`` of
-    ``raw_kernels/decode.cu``: ``head_dim + 4`` floats per row, ``8 * row_tiles`` rows per warp)."""
+    ``raw_kernels/decode.cu``: ``head_dim + 4`` floats per row, ``8 * row_tiles`` rows per warp); a merge block uses
+    them for its warps' parts of a row (``MEMBER_FLOATS``, less)."""
     warps, stage_bytes = 4, decode_stage_bytes(head_dim, bits, scale_dtype, value_group)
     return max(warps * decode_stages(stage_bytes) * stage_bytes, warps * 8 * row_tiles * (head_dim + 4) * 4)
 

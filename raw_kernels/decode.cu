@@ -1102,27 +1102,28 @@ __device__ __forceinline__ void load_words_l2(u32 (&out)[N], const void* source)
     }
 }
 
-// The outputs of unit u from its partial results (UnitParts), by a merge block of the unit: its block rows `row`,
-// `row` + row_step, ... below the unit's block rows, each by a team of `team` warps (1 with row_step WARPS, or WARPS
-// with row_step RPB: merge blocks of one row each). A team merges the packed segments' and then the window splits' partial rows in a
-// fixed order (member w of a team takes the chunks w, w + team, ... and the team's members are merged in order through
-// `scratch`), rotates the packed part back (unrotate), adds the window part, normalizes and writes out
-// (B, q_heads, q_len, D) contiguous in the query dtype and lse (B, q_heads, q_len) float32 (natural log; -inf and a
-// zero row where nothing is visible). The partial rows come MERGE_CHUNK at a time, all of a chunk's loads in flight at
-// once (lane s of the chunk reads split s's statistics, every lane its channels of every split), with a running maximum
-// across chunks. Not inlined: its name places it after the window function, away from the packed blocks' instructions.
+// The outputs of unit u from its partial results (UnitParts), by a merge block of the unit: every row of the unit, a
+// warp each (row < 0), or block row `row` alone, by a team of the block's WARPS warps. A warp or team merges the packed
+// segments' and then the window splits' partial rows in a fixed order (member w of a team takes the chunks w,
+// w + WARPS, ... and the members' parts are merged in order through `scratch`), rotates the packed part back
+// (unrotate), adds the window part, normalizes and writes out (B, q_heads, q_len, D) contiguous in the query dtype and
+// lse (B, q_heads, q_len) float32 (natural log; -inf and a zero row where nothing is visible). The partial rows come
+// MERGE_CHUNK at a time, all of a chunk's loads in flight at once (lane s of the chunk reads split s's statistics,
+// every lane its channels of every split), with a running maximum across chunks. Not inlined: its name places it after
+// the window function, away from the packed blocks' instructions.
 #define MERGE_CHUNK (64 / LANE_ELEMENTS < WARP ? 64 / LANE_ELEMENTS : WARP)  // 64 registers in flight (128 spill)
 #define MEMBER_FLOATS (2 * LANE_ELEMENTS * WARP + 2)  // a team member's part in scratch: outputs, then max and sum
 __device__ __noinline__ void write_unit_outputs(const float* __restrict__ partial_o,
                                                 const float2* __restrict__ partial_ml, const UnitParts& parts, int u,
-                                                int row, int row_step, int team, float* scratch, int units,
+                                                int row, float* scratch, int units,
                                                 int packed_blocks, int window_splits, int kv_heads, int q_len,
                                                 int rows, int row_blocks, int unrotate, float hadamard_normalization,
                                                 in_t* __restrict__ out, float* __restrict__ lse) {
-    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, member = warp % team;
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    const int team = row < 0 ? 1 : WARPS, member = warp % team;  // a team of WARPS: the block, one row
     const int bh = u / row_blocks, rb = u % row_blocks, block_rows = min(RPB, rows - rb * RPB);
     const int splits = parts.packed + window_splits;
-    for (int local = row + warp / team; local < block_rows; local += row_step) {
+    for (int local = row < 0 ? warp : row; local < block_rows; local += row < 0 ? WARPS : RPB) {
         const i64 packed_row = ((i64)parts.first + u) * RPB + local;  // partial row of packed split s: + s * RPB
         const i64 window_row = ((i64)packed_blocks + units + (i64)u * window_splits - parts.packed) * RPB + local;
         auto partial_row = [&](int s) { return (s < parts.packed ? packed_row : window_row) + (i64)s * RPB; };
@@ -1172,7 +1173,7 @@ __device__ __noinline__ void write_unit_outputs(const float* __restrict__ partia
         }
 #pragma unroll
         for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-        if (team > 1) {  // the members' parts, in member order, by member 0 (the team is the block: row_step WARPS)
+        if (team > 1) {  // the members' parts, in member order, by member 0 (one row per block: one pass)
             float* mine = scratch + warp * MEMBER_FLOATS;
 #pragma unroll
             for (int e = 0; e < LANE_ELEMENTS; ++e) {
@@ -1261,10 +1262,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) decode_attenti
             if (mergers == 1 || atomicAdd(unit_counts + u, 1) == count + mergers - 1) unit_counts[u] = 0;
         }
         __syncthreads();
-        write_unit_outputs(partial_o, partial_ml, parts, u, one_row ? k : 0, one_row ? RPB : WARPS,
-                           one_row ? WARPS : 1, reinterpret_cast<float*>(step_buffers), units, packed_blocks,
-                           window_splits, kv_heads, q_len, rows, row_blocks, unrotate, hadamard_normalization, out,
-                           lse);
+        write_unit_outputs(partial_o, partial_ml, parts, u, one_row ? k : -1, reinterpret_cast<float*>(step_buffers),
+                           units, packed_blocks, window_splits, kv_heads, q_len, rows, row_blocks, unrotate,
+                           hadamard_normalization, out, lse);
         return;
     }
     if (blockIdx.x < (unsigned)packed_blocks) {

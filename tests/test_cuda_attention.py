@@ -306,7 +306,7 @@ def test_merge_blocks_one_per_row_or_per_unit(rng, merge_rows):
                       max_window=96)
     assert (plan.rows, plan.row_blocks) == (24, 2)
     plan.merge_rows = merge_rows
-    plan.merge_blocks = plan.units * (16 if merge_rows == 1 else 1)
+    assert plan.merge_blocks == plan.units * (16 if merge_rows == 1 else 1)
     check_repeated_runs(plan, q, qkv, wk, wv, lengths, reference)
 
 

@@ -17,15 +17,18 @@ import numpy as np
 
 from oscar_cupy import kernels, layout
 from oscar_cupy.config import QuantConfig
+from oscar_cupy.quantize_launch import (
+    hadamard_normalization,
+    quantize_keys_args,
+    quantize_keys_launch,
+    quantize_values_args,
+    quantize_values_launch,
+    uses_hadamard,
+)
 
 THREADS = 256
 WARPS = THREADS // 32
 STATIC_SHARED_LIMIT = 48 * 1024  # dynamic shared memory beyond this needs the function attribute raised
-STASH_LIMIT = 112 * 1024  # quantize_keys keeps its rows in shared memory up to this (two blocks per SM)
-VALUE_WARPS = 4  # VAL_WARPS of quantize_values
-VALUE_LANE_CHANNELS = 32  # VAL_PER of quantize_values: channels per lane
-KEY_LANE_ROWS = 4  # KEY_LANE_ROWS of quantize_keys: rows of 16 channels per lane
-SCALINGS = {"none": 0, "l2": 1, "l2_per_head": 2}
 DTYPE_NAMES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}
 
 
@@ -55,16 +58,6 @@ def dtype_name(dtype) -> str:
     if dtype.name == "bfloat16":
         return "bfloat16"
     raise TypeError(f"dtype {dtype} has no CUDA kernels")
-
-
-def hadamard_normalization(head_dim: int) -> np.float32:
-    """The float32 normalization of the CPU definition, ``float32(1 / sqrt(n))``."""
-    return np.float32(1.0 / np.sqrt(head_dim))
-
-
-def _uses_hadamard(config: QuantConfig) -> bool:
-    """Whether the kernels rotate (a user matrix is applied before them, with cupy)."""
-    return isinstance(config.rotation, str) and config.rotation == "hadamard"
 
 
 def _rows_view(x):
@@ -136,56 +129,30 @@ def launch_quantize_keys(k, config: QuantConfig, lengths, out: dict, refused) ->
     """Enqueue ``quantize_keys`` (k already rotated by a user matrix, if the config has one)."""
     batch, heads, _, head_dim = k.shape
     k, strides = _rows_view(k)
-    group = config.key_group
-    groups = out["k_codes"].shape[2] // group
     function = kernels.function(
         kernels.quantize_variant(head_dim, config.bits, dtype_name(k.dtype), config.scale_dtype), "quantize_keys",
         k.device.id,
     )
-    # see quantize_keys in raw_kernels/quantize.cu: a lane holds KEY_LANE_ROWS rows of 16 channels
-    warps_per_head = group // (32 // (head_dim // 16) * KEY_LANE_ROWS)
-    heads_per_round = max(1, min(heads, WARPS // warps_per_head))
-    padded = head_dim // 16 * 17  # PADDED_DIM: per-channel floats, padded against bank conflicts
-    shared = (
-        (heads * group * 8 + group * 4 if config.token_scaling == "l2" else 0)
-        + heads_per_round * 2 * (group // KEY_LANE_ROWS) * padded * 4  # partial extremes
-        + heads_per_round * 2 * padded * 4  # group parameters
-    )
-    stash_bytes = heads * group * head_dim * k.itemsize
-    stash = config.token_scaling == "l2" and shared + stash_bytes <= STASH_LIMIT
-    shared += stash_bytes if stash else 0
-    if shared > STATIC_SHARED_LIMIT:
+    launch = quantize_keys_launch(batch, heads, head_dim, out["k_codes"].shape[2] // config.key_group, config,
+                                  k.itemsize)
+    if launch.shared_bytes > STATIC_SHARED_LIMIT:
         cupy.cuda.driver.funcSetAttribute(
-            function.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared
+            function.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, launch.shared_bytes
         )
-    norms = out.get("norms")
-    function(
-        (groups, batch), (32 * warps_per_head * heads_per_round,),
-        (k, *strides, lengths, np.int32(heads), np.int32(groups), np.int32(group), np.int32(_uses_hadamard(config)),
-         np.int32(SCALINGS[config.token_scaling]), hadamard_normalization(head_dim), np.int32(heads_per_round),
-         np.int32(stash), out["k_codes"], out["k_scales"], out["k_zeros"],
-         norms if norms is not None else np.uint64(0), refused),
-        shared_mem=shared,
-    )
+    function(launch.grid, launch.block, quantize_keys_args(k, strides, lengths, config, launch, out, refused),
+             shared_mem=launch.shared_bytes)
 
 
 def launch_quantize_values(v, config: QuantConfig, lengths, out: dict, refused) -> None:
     """Enqueue ``quantize_values`` (v already rotated by a user matrix, if the config has one)."""
     batch, heads, _, head_dim = v.shape
     v, strides = _rows_view(v)
-    capacity = out["v_scales"].shape[2]
     function = kernels.function(
         kernels.quantize_variant(head_dim, config.bits, dtype_name(v.dtype), config.scale_dtype), "quantize_values",
         v.device.id,
     )
-    rotate = _uses_hadamard(config) and config.rotate_values
-    word_rows_per_block = VALUE_WARPS * 32 // (head_dim // VALUE_LANE_CHANNELS)  # a row slot packs one word row
-    word_rows = capacity // config.codes_per_word
-    function(
-        (-(-word_rows // word_rows_per_block), batch * heads), (32 * VALUE_WARPS,),
-        (v, *strides, lengths, np.int32(heads), np.int32(capacity), np.int32(config.value_group), np.int32(rotate),
-         hadamard_normalization(head_dim), out["v_codes"], out["v_scales"], out["v_zeros"], refused),
-    )
+    grid, block = quantize_values_launch(batch, heads, head_dim, out["v_scales"].shape[2], config)
+    function(grid, block, quantize_values_args(v, strides, lengths, config, out, refused))
 
 
 def raise_refusals(refused, config: QuantConfig) -> None:
@@ -223,12 +190,12 @@ def dequantize(qkv, dtype):
             grid, (THREADS,),
             (qkv.k_codes, qkv.k_scales, qkv.k_zeros, norms if norms is not None else np.uint64(0),
              np.int32(0 if norms is None else norms.shape[1]), lengths, np.int32(heads), np.int32(capacity),
-             np.int32(tokens), np.int32(config.key_group), np.int32(_uses_hadamard(config)), norm, keys),
+             np.int32(tokens), np.int32(config.key_group), np.int32(uses_hadamard(config)), norm, keys),
         )
         kernels.function(variant, "dequantize_values", device_id)(
             grid, (THREADS,),
             (qkv.v_codes, qkv.v_scales, qkv.v_zeros, lengths, np.int32(heads), np.int32(capacity), np.int32(tokens),
-             np.int32(config.value_group), np.int32(_uses_hadamard(config) and config.rotate_values), norm, values),
+             np.int32(config.value_group), np.int32(uses_hadamard(config) and config.rotate_values), norm, values),
         )
     if matrix is not None:
         keys = _times_matrix(keys, matrix)  # R^T @ x for each row x

@@ -20,7 +20,7 @@ import pathlib
 import tempfile
 import threading
 
-from oscar_cupy import nvrtc
+from oscar_cupy import nvrtc, quantize_launch
 from oscar_cupy.config import BITS, GROUP_SIZES, HEAD_DIMS, SCALE_DTYPES
 from oscar_cupy.raw_kernels import read_source
 
@@ -61,7 +61,10 @@ class Variant:
 
 
 def quantize_variant(head_dim: int, bits: int, in_dtype: str, scale_dtype: str) -> Variant:
-    return Variant.of("quantize", HEAD_DIM=head_dim, BITS=bits, IN_DTYPE=in_dtype, SCALE_DTYPE=scale_dtype)
+    """The write path's kernels, with the lane geometry that :mod:`oscar_cupy.quantize_launch` launches them for."""
+    return Variant.of("quantize", HEAD_DIM=head_dim, BITS=bits, IN_DTYPE=in_dtype, SCALE_DTYPE=scale_dtype,
+                      KEY_LANE_ROWS=quantize_launch.KEY_LANE_ROWS[head_dim],
+                      VAL_PER=quantize_launch.VALUE_LANE_CHANNELS[head_dim])
 
 
 def dequantize_variant(head_dim: int, bits: int, out_dtype: str, scale_dtype: str) -> Variant:

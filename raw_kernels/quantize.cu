@@ -7,15 +7,18 @@
 // Keys: a block quantizes one key group (key_group tokens) of one sequence, all heads. With "l2" token scaling a
 // first phase reads every head's rows, sums their squares into per-token norms and keeps the raw rows in shared memory
 // (the "stash", when it fits; otherwise the second phase reads them again, from L2). The second phase takes the heads
-// a round at a time: a lane holds KEY_PER = 16 channels of KEY_LANE_ROWS = 4 rows (a warp holds 2048 / HEAD_DIM rows,
+// a round at a time: a lane holds KEY_PER = 16 channels of KEY_LANE_ROWS rows (a warp holds KEY_WARP_ROWS rows,
 // key_group / that many warps hold a head's group), rotates and scales them, and leaves per-channel partial extremes
 // in shared memory; one thread per (head, channel) reduces them and computes the group's scale and zero; the lanes then
 // encode their rows from registers. Sixteen consecutive channels are exactly one 2-bit key word (two 4-bit words), so
 // keys pack in registers.
 //
-// Values: a lane holds VAL_PER = 32 channels (a whole value group of 32) of one token; each row slot of a warp walks
-// the PER_WORD tokens of one value word row, so a lane gathers whole words (one per channel) in registers and no
-// shuffles merge them.
+// Values: a lane holds VAL_PER channels (16 or 32: half of or a whole value group of 32) of one token; each row slot of
+// a warp walks the PER_WORD tokens of one value word row, so a lane gathers whole words (one per channel) in registers
+// and no shuffles merge them.
+//
+// Compile-time parameters besides those of common.cuh: KEY_LANE_ROWS and VAL_PER, the lane geometry, chosen by
+// oscar_cupy/quantize_launch.py (which launches the kernels for it).
 //
 // Inputs are (B, H, T, D) with any element strides for B, H and T, contiguous channels and rows aligned to 16
 // elements (the launcher copies other layouts). Tokens at or beyond a sequence's length (lengths[b]) are padding: never
@@ -30,19 +33,20 @@
 #define KEY_PER 16                                  // channels per lane
 #define KEY_ROW_LANES (HEAD_DIM / KEY_PER)          // lanes per row
 #define KEY_ROWS (WARP / KEY_ROW_LANES)             // row slots per warp
-#define KEY_LANE_ROWS 4                             // rows a lane holds at once (cuda_backend.KEY_LANE_ROWS)
-#define KEY_WARP_ROWS (KEY_ROWS * KEY_LANE_ROWS)    // rows a warp holds: 2048 / HEAD_DIM
+#define KEY_WARP_ROWS (KEY_ROWS * KEY_LANE_ROWS)    // rows a warp holds (KEY_LANE_ROWS: rows a lane holds at once)
 #define KEY_BATCH 4                                 // rows per lane whose loads phase 1 issues together
 #define KEY_WORDS_PER_ROW (HEAD_DIM / PER_WORD)
 #define PADDED_DIM (KEY_ROW_LANES * (KEY_PER + 1))  // per-channel floats in shared memory: a lane's 16 at stride 17
 #define PADDED(c) ((c) / KEY_PER * (KEY_PER + 1) + (c) % KEY_PER)  // so a warp's lanes hit 32 different banks
 #define KEY_WORDS_PER_LANE (KEY_PER / PER_WORD)     // 1 at 2 bits, 2 at 4 bits
 
-#define VAL_PER 32                                  // channels per lane (cuda_backend.VALUE_LANE_CHANNELS)
-#define VAL_ROW_LANES (HEAD_DIM / VAL_PER)
+#define VAL_ROW_LANES (HEAD_DIM / VAL_PER)              // lanes per row (VAL_PER: channels per lane)
 #define VAL_ROWS (WARP / VAL_ROW_LANES)             // row slots per warp, one value word row each
 #define VAL_THREADS 128
 #define VAL_WARPS (VAL_THREADS / WARP)
+
+static_assert(KEY_LANE_ROWS >= 1 && KEY_WARP_ROWS <= 32, "a warp holds at most the 32 rows of the smallest key group");
+static_assert((VAL_PER == 16 || VAL_PER == 32) && VAL_PER <= HEAD_DIM, "a lane holds 16 or 32 value channels");
 
 struct alignas(16) Vector16 { u32 word[4]; };
 

@@ -9,7 +9,7 @@ import os
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import random_kv
+from conftest import DTYPES, WRITE_PATH_CONFIGS, config_id, random_kv
 
 import oscar_cupy as oc
 
@@ -44,21 +44,11 @@ def assert_same_as_cpu(k, v, config, lengths):
         np.testing.assert_array_equal(gpu[name].view(np.uint8), cpu[name].view(np.uint8), err_msg=name)
 
 
-DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32]
-CONFIGS = [
-    oc.QuantConfig(),
-    oc.QuantConfig(bits=4),
-    oc.QuantConfig(key_group=64, value_group=64, token_scaling="l2_per_head", scale_dtype="bfloat16"),
-    oc.QuantConfig(bits=4, key_group=128, value_group=32, scale_dtype="float32"),
-    oc.QuantConfig.preset("kivi-2"),
-    oc.QuantConfig.preset("hadamard-only-4", rotate_values=False),
-    oc.QuantConfig.preset("scaling-only-2", value_group=64),
-]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.bits}b-g{c.key_group}-{c.token_scaling}-{c.rotation}")
+@pytest.mark.parametrize("config", WRITE_PATH_CONFIGS, ids=config_id)
 def test_quantize_equals_cpu(rng, dtype, head_dim, config):
     if config.value_group > head_dim:
         pytest.skip("value group wider than the head")

@@ -1,0 +1,131 @@
+"""CUDA kernels of ``raw_kernels/`` run on the CPU, for tests of their logic without a GPU.
+
+:class:`Module` compiles a kernel variant (the same source and ``-D`` parameters NVRTC gets) with g++ against
+``tests/emulator/simt.h``, which runs every thread of a block as a fiber (see there for what is modelled), and launches
+its kernels with numpy arrays for device pointers: ``Module(variant).launch(name, grid, block, args, shared_mem)``,
+with ``args`` typed as the CUDA launches type them (numpy arrays, ``np.int32``, ``np.int64``, ``np.float32``,
+``np.uint64(0)`` for a null pointer). The source is changed in two places only: the float16/bfloat16 conversions,
+written in PTX, become their host equivalents, and ``extern __shared__`` arrays point at the block's shared memory.
+Modules that use other inline PTX (the decode kernel's tensor-core code) are refused.
+
+Needs g++ (C++17 with ``_Float16``); tests skip without it.
+"""
+
+import ctypes
+import hashlib
+import pathlib
+import re
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+
+from oscar_cupy import kernels
+
+HERE = pathlib.Path(__file__).parent / "emulator"
+COMPILER = shutil.which("g++")
+CONVERSIONS = {  # PTX statement -> host statement
+    'asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));': "f = emu::half_to_float(h);",
+    'asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));': "h = emu::float_to_half(f);",
+    'asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));': "h = emu::float_to_bfloat16(f);",
+}
+DYNAMIC_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?([\w ]+?) (\w+)\[\];")
+KERNEL = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(([^),]*)[^)]*\) )?(\w+)\((.*?)\)\s*\{', re.S)
+C_TYPES = {"int": ctypes.c_int, "i64": ctypes.c_longlong, "float": ctypes.c_float, "double": ctypes.c_double,
+           "u32": ctypes.c_uint, "unsigned": ctypes.c_uint}
+NUMPY_TYPES = {ctypes.c_int: np.int32, ctypes.c_longlong: np.int64, ctypes.c_float: np.float32,
+               ctypes.c_double: np.float64, ctypes.c_uint: np.uint32}
+BUILDS = pathlib.Path(tempfile.gettempdir()) / "oscar_cupy_emulator"
+
+
+def host_source(text: str) -> str:
+    """Kernel source for the host compiler."""
+    for ptx, host in CONVERSIONS.items():
+        text = text.replace(ptx, host)
+    if "asm(" in text or "asm volatile(" in text:
+        raise NotImplementedError("the emulator runs kernels without inline PTX beyond the float16/bfloat16 conversions")
+    return DYNAMIC_SHARED.sub(r"\1* \2 = reinterpret_cast<\1*>(emu::shared_memory());", text)
+
+
+def parameters(text: str) -> list[tuple[str, str]]:
+    """``(type, name)`` of each parameter of a kernel's parameter list."""
+    pairs = []
+    for parameter in " ".join(text.split()).split(","):
+        declaration = parameter.replace("__restrict__", "").split()
+        pairs.append((" ".join(declaration[:-1]), declaration[-1]))
+    return pairs
+
+
+class Module:
+    """A kernel variant compiled for the host (cached by source, parameters and simt.h); ``source`` replaces the
+    variant's module source (a test's deliberately changed kernel)."""
+
+    def __init__(self, variant: kernels.Variant, source: str | None = None):
+        source = host_source(variant.source() if source is None else source)
+        header = host_source(kernels.read_source("common.cuh"))
+        defines = [option for option in variant.options("sm_90") if option.startswith("-D")]
+        found = KERNEL.findall(source)
+        self.kernels = {name: parameters(params) for _, name, params in found}
+        wrappers = "".join(self._wrapper(name, parameters(params), bound or "1024") for bound, name, params in found)
+        simt = (HERE / "simt.h").read_text()
+        key = hashlib.sha256("\0".join([source, wrappers, header, simt, *defines]).encode()).hexdigest()[:24]
+        library = BUILDS / f"{variant.module}-{key}.so"
+        if not library.exists():
+            self._build(library, source + wrappers, header, defines)
+        self.library = ctypes.CDLL(str(library))
+
+    @staticmethod
+    def _wrapper(name: str, params: list[tuple[str, str]], max_threads: str) -> str:
+        """``emulate_NAME(grid, block, shared bytes, the kernel's parameters)`` and ``max_threads_NAME()`` (its
+        launch bounds' thread count)."""
+        declared = ", ".join(f"{kind} {param}" for kind, param in params)
+        passed = ", ".join(param for _, param in params)
+        return (f'\nextern "C" void emulate_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, '
+                f"unsigned bz, unsigned long shared, {declared}) {{\n"
+                f"    emu::launch({{gx, gy, gz}}, {{bx, by, bz}}, shared, [&] {{ {name}({passed}); }});\n}}\n"
+                f'extern "C" int max_threads_{name}() {{ return {max_threads}; }}\n')
+
+    @staticmethod
+    def _build(library: pathlib.Path, source: str, header: str, defines: list[str]) -> None:
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            folder = pathlib.Path(folder)
+            (folder / "common.cuh").write_text(header)
+            (folder / "kernel.cpp").write_text(source)
+            partial = folder / library.name
+            done = subprocess.run(
+                [COMPILER, "-std=c++17", "-O1", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math",
+                 "-Wno-unknown-pragmas", "-include", str(HERE / "simt.h"), *defines, "-o", str(partial),
+                 str(folder / "kernel.cpp")],
+                capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"g++ failed on the host version of {library.stem}:\n{done.stderr[-6000:]}")
+            shutil.move(partial, library)  # whole files only, for concurrent test processes
+
+    def launch(self, name: str, grid, block, args, shared_mem: int = 0) -> None:
+        """Run kernel ``name`` over ``grid`` x ``block`` threads with ``args`` (numpy arrays as pointers)."""
+        params = self.kernels[name]
+        if len(args) != len(params):
+            raise TypeError(f"{name} takes {len(params)} arguments, got {len(args)}")
+        converted = []
+        for (kind, param), value in zip(params, args):
+            if "*" in kind:
+                if isinstance(value, np.ndarray):
+                    converted.append(ctypes.c_void_p(value.ctypes.data))
+                elif isinstance(value, np.uint64) and value == 0:
+                    converted.append(ctypes.c_void_p(0))
+                else:
+                    raise TypeError(f"{name}: {param} is a pointer, got {type(value).__name__}")
+            else:
+                c_type = C_TYPES[kind]
+                if not isinstance(value, NUMPY_TYPES[c_type]):
+                    raise TypeError(f"{name}: {param} is {kind}, got {type(value).__name__}")
+                converted.append(c_type(value.item()))
+        grid, block = (tuple(dims) + (1,) * (3 - len(dims)) for dims in (grid, block))
+        threads, bound = int(np.prod(block)), getattr(self.library, f"max_threads_{name}")()
+        if threads > bound or threads % 32:
+            raise ValueError(f"{name}: a block of {threads} threads, where its launch bounds allow {bound} "
+                             "(whole warps): the GPU would refuse the launch")
+        getattr(self.library, f"emulate_{name}")(*map(ctypes.c_uint, grid), *map(ctypes.c_uint, block),
+                                                  ctypes.c_ulong(shared_mem), *converted)

@@ -1,0 +1,155 @@
+"""The write path's CUDA kernels (``raw_kernels/quantize.cu``), run on the CPU by ``tests/emulator.py``, against the
+CPU reference: identical codes, scales, zeros and norms, every output written, through the launch geometry and
+arguments the CUDA backend uses (``oscar_cupy/quantize_launch.py``). No GPU needed; skipped without g++. The same
+comparisons on the GPU are ``tests/test_cuda.py``.
+"""
+
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import DTYPES, WRITE_PATH_CONFIGS, config_id, random_kv
+from emulator import COMPILER, Module
+
+import oscar_cupy as oc
+from oscar_cupy import kernels, layout, quantize_launch
+from oscar_cupy.quantize_launch import (
+    quantize_keys_args,
+    quantize_keys_launch,
+    quantize_values_args,
+    quantize_values_launch,
+)
+
+pytestmark = pytest.mark.skipif(COMPILER is None, reason="no g++ to build the kernels' host version")
+REAL_KV = os.environ.get("OSCAR_REAL_KV", ".assets/smollm2_kv.npz")  # made by bench/dump_kv.py
+
+
+def rows(x: np.ndarray):
+    """``x`` with contiguous, 16-byte aligned rows (as the CUDA backend's ``_rows_view``) and its element strides."""
+    if x.strides[3] != x.itemsize or any(stride % 16 for stride in x.strides[:3]) or x.ctypes.data % 16:
+        x = np.ascontiguousarray(x)
+    return x, [np.int64(stride // x.itemsize) for stride in x.strides[:3]]
+
+
+def emulated_quantize(k, v, config, lengths, source=None) -> tuple[dict, int]:
+    """``(packed arrays, refusal flags)`` of numpy ``k``, ``v`` ``(B, H, T, D)`` quantized by the emulated kernels into
+    outputs poisoned with 0xFF bytes; ``source``: a replacement for quantize.cu."""
+    batch, heads, tokens, head_dim = k.shape
+    module = Module(kernels.quantize_variant(head_dim, config.bits, np.dtype(k.dtype).name, config.scale_dtype),
+                    source)
+    out = {name: np.full(shape, 0xFF, np.uint8).view(dtype) if np.dtype(dtype).itemsize == 1 else
+           np.frombuffer(b"\xff" * (int(np.prod(shape)) * np.dtype(dtype).itemsize), dtype).reshape(shape).copy()
+           for name, (shape, dtype) in layout.array_specs(config, batch, heads, layout.capacity(tokens, config),
+                                                          head_dim).items()}
+    lengths = np.asarray(lengths, dtype=np.int64)
+    refused = np.zeros(1, np.int32)
+    (k, k_strides), (v, v_strides) = rows(k), rows(v)
+    launch = quantize_keys_launch(batch, heads, head_dim, out["k_codes"].shape[2] // config.key_group, config,
+                                  k.itemsize)
+    module.launch("quantize_keys", launch.grid, launch.block,
+                  quantize_keys_args(k, k_strides, lengths, config, launch, out, refused), launch.shared_bytes)
+    grid, block = quantize_values_launch(batch, heads, head_dim, out["v_scales"].shape[2], config)
+    module.launch("quantize_values", grid, block, quantize_values_args(v, v_strides, lengths, config, out, refused))
+    return out, int(refused[0])
+
+
+def assert_same_as_cpu(k, v, config, lengths):
+    cpu = oc.quantize_kv(k, v, config, lengths=lengths).arrays()
+    emulated, refused = emulated_quantize(k, v, config, lengths)
+    assert refused == 0
+    assert set(emulated) == set(cpu)
+    for name in cpu:
+        assert emulated[name].shape == cpu[name].shape and emulated[name].dtype == cpu[name].dtype, name
+        np.testing.assert_array_equal(emulated[name].view(np.uint8), cpu[name].view(np.uint8), err_msg=name)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("config", WRITE_PATH_CONFIGS, ids=config_id)
+def test_quantize_kernels_equal_cpu(rng, head_dim, config):
+    """Every config of the GPU tests at every head_dim; the input dtype goes round the three."""
+    dtype = DTYPES[(WRITE_PATH_CONFIGS.index(config) + head_dim // 64) % len(DTYPES)]
+    k, v = random_kv(rng, batch=2, kv_heads=3, tokens=100, head_dim=head_dim, dtype=dtype)
+    assert_same_as_cpu(k, v, config, [100, 61])
+
+
+@pytest.mark.parametrize("head_dim, key_lane_rows, value_lane_channels",
+                         [(64, 2, 16), (64, 1, 32), (128, 2, 16), (128, 8, 32), (256, 8, 16)])
+def test_other_lane_geometries(rng, monkeypatch, head_dim, key_lane_rows, value_lane_channels):
+    """The kernels compiled and launched for other lane geometries (quantize_launch's KEY_LANE_ROWS and
+    VALUE_LANE_CHANNELS): key groups of 32 to 128, both bit widths, all three scalings."""
+    monkeypatch.setitem(quantize_launch.KEY_LANE_ROWS, head_dim, key_lane_rows)
+    monkeypatch.setitem(quantize_launch.VALUE_LANE_CHANNELS, head_dim, value_lane_channels)
+    k, v = random_kv(rng, batch=2, kv_heads=3, tokens=100, head_dim=head_dim, dtype=ml_dtypes.bfloat16)
+    for config in WRITE_PATH_CONFIGS[:4]:
+        assert_same_as_cpu(k, v, config, [100, 45])
+
+
+def test_a_geometry_that_does_not_fit_is_refused(monkeypatch):
+    monkeypatch.setitem(quantize_launch.KEY_LANE_ROWS, 256, 2)  # 32 warps for a key group of 128
+    with pytest.raises(ValueError, match=r"KEY_LANE_ROWS\[256\] = 2 does not fit key groups of 128"):
+        quantize_keys_launch(1, 8, 256, 4, oc.QuantConfig(key_group=128), 2)
+    quantize_keys_launch(1, 8, 256, 4, oc.QuantConfig(key_group=64), 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_every_length_and_group_edge(rng, dtype):
+    """Lengths around group and word-row edges, an empty sequence, one token."""
+    k, v = random_kv(rng, batch=8, kv_heads=2, tokens=130, head_dim=64, dtype=dtype)
+    for config in (oc.QuantConfig(), oc.QuantConfig(bits=4, key_group=128)):
+        assert_same_as_cpu(k, v, config, [130, 129, 128, 97, 33, 32, 1, 0])
+
+
+def test_strided_inputs_as_transformers_hands_them(rng):
+    """(B, T, H, D) storage viewed as (B, H, T, D): token stride H * D, read in place."""
+    k, v = random_kv(rng, batch=2, kv_heads=4, tokens=64, head_dim=128, dtype=np.float16)
+    k_view, v_view = (np.ascontiguousarray(a.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3) for a in (k, v))
+    assert rows(k_view)[0] is k_view  # no copy: the kernels get the strides
+    assert_same_as_cpu(k_view, v_view, oc.QuantConfig(), [64, 50])
+
+
+def test_real_model_kv():
+    if not os.path.exists(REAL_KV):
+        pytest.skip(f"{REAL_KV} not found (make it with bench/dump_kv.py)")
+    dump = np.load(REAL_KV)
+    keys, values = dump["keys"], dump["values"]  # (layers, 1, kv_heads, tokens, head_dim)
+    for layer in range(0, keys.shape[0], 7):
+        k, v = (x[layer][:, :, :300].astype(ml_dtypes.bfloat16) for x in (keys, values))
+        assert_same_as_cpu(k, v, oc.QuantConfig(), [300])
+        assert_same_as_cpu(k, v, oc.QuantConfig(bits=4), [295])
+
+
+def test_refusal_flags(rng):
+    """A non-finite valid element sets bit 1 (keys) or 2 (values), a group beyond the scale dtype's range 4 or 8;
+    padding is never read."""
+    k, v = random_kv(rng, batch=2, kv_heads=2, tokens=64, head_dim=64, dtype=np.float32)
+    config = oc.QuantConfig()
+    bad = k.copy()
+    bad[1, 0, 10, 3] = np.nan
+    assert emulated_quantize(bad, v, config, [64, 64])[1] == 1
+    assert emulated_quantize(bad, v, config, [64, 10])[1] == 0
+    bad_v = v.copy()
+    bad_v[0, 1, 5, 7] = np.inf
+    assert emulated_quantize(k, bad_v, config, [64, 64])[1] == 2 | 8  # an infinite group is out of range too
+    assert emulated_quantize(k, v * 0 + 1e5, config, [64, 64])[1] == 8
+    assert emulated_quantize(k * 1e5, v, oc.QuantConfig(token_scaling="none"), [64, 64])[1] == 4
+
+
+def test_inputs_are_not_modified(rng):
+    k, v = random_kv(rng, batch=2, kv_heads=2, tokens=40, head_dim=128, dtype=ml_dtypes.bfloat16)
+    before = k.copy(), v.copy()
+    emulated_quantize(k, v, oc.QuantConfig(), [40, 33])
+    np.testing.assert_array_equal(k.view(np.uint16), before[0].view(np.uint16))
+    np.testing.assert_array_equal(v.view(np.uint16), before[1].view(np.uint16))
+
+
+def test_a_changed_kernel_is_caught(rng):
+    """The comparison sees a one-constant change of the encoder (rounding at a shifted point): these tests can fail."""
+    k, v = random_kv(rng, batch=1, kv_heads=2, tokens=64, head_dim=64, dtype=np.float32)
+    config = oc.QuantConfig()
+    source = kernels.read_source("quantize.cu")
+    assert source.count("12582912.0f") == 1
+    changed, _ = emulated_quantize(k, v, config, [64], source=source.replace("12582912.0f", "12582913.0f"))
+    cpu = oc.quantize_kv(k, v, config).arrays()
+    assert not np.array_equal(changed["k_codes"], cpu["k_codes"])
+    assert not np.array_equal(changed["v_codes"], cpu["v_codes"])

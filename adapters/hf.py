@@ -48,6 +48,7 @@ class OscarLayer(CacheLayerMixin):
         self.config, self.capacity = config, capacity
         self.cache: LayerCache | None = None
         self.prefilled = False  # whether the last update was a prefill (attention then runs in full precision)
+        self.prompt_pending = False  # a prefill's update came, its store_prompt not yet
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, head_dim = key_states.shape
@@ -59,9 +60,12 @@ class OscarLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """A prompt is stored by the attention function (:meth:`store_prompt`), which sees the padding mask; a decode
         step's tokens are appended here."""
+        if self.prompt_pending:
+            raise RuntimeError("an OscarCache was used by a model whose attention does not store its prompt: pass it "
+                               "only to the model that enable_oscar(model, config) returned it for, while enabled")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.prefilled = not self.cache.lengths.any() and key_states.shape[2] > 1
+        self.prefilled = self.prompt_pending = not self.cache.lengths.any() and key_states.shape[2] > 1
         if not self.prefilled:
             self.cache.append(key_states, value_states)
         return key_states, value_states
@@ -69,6 +73,7 @@ class OscarLayer(CacheLayerMixin):
     def store_prompt(self, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         """Store a (left-padded) prompt: padding never enters the cache; each sequence's tokens start at its slot 0."""
         tokens = key.shape[2]
+        self.prompt_pending = False
         if attention_mask is None:
             self.cache.prefill(key, value)
             return
@@ -92,6 +97,7 @@ class OscarLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        self.prompt_pending = False
         if self.is_initialized:
             self.cache.reset()
 
@@ -245,14 +251,25 @@ def enable_oscar(model, config: QuantConfig | None = None, capacity: int = 0) ->
     whole flush blocks; the rest stays in the window): no growth, and none of the transient memory a growth copy
     needs, until a sequence outgrows it (then it doubles, as without it).
     Use it to fill a GPU close to its memory; the default grows from what the prompt needs.
+
+    On a model that is already enabled, the previous :func:`enable_oscar` is undone first (its weights restored), so
+    the model follows ``config`` alone; caches returned before no longer apply to it.
     """
     major = int(transformers.__version__.split(".")[0])
     if major not in SUPPORTED_TRANSFORMERS:
         raise ImportError(f"oscar_cupy.adapters.hf supports transformers 5.x; this is {transformers.__version__}")
     config = QuantConfig() if config is None else config
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig (e.g. QuantConfig.preset('oscar-2')), "
+                        f"got {type(config).__name__}")
+    if hasattr(model, "oscar_attn_implementation"):
+        disable_oscar(model)
     attentions = _attention_modules(model)
     head_dim = attentions[0].head_dim
     config.check_head_dim(head_dim)
+    dtype = attentions[0].v_proj.weight.dtype
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"the model's weights are {dtype}; oscar_cupy caches float16, bfloat16 and float32 models")
     fold = config.rotates and config.rotate_values
     rotation = _rotation_matrix(config, head_dim)
     cache = OscarCache(config.replace(rotate_values=False) if fold else config, model_config=model.config,
@@ -262,15 +279,14 @@ def enable_oscar(model, config: QuantConfig | None = None, capacity: int = 0) ->
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
     for module in attentions:
         quantized = isinstance(cache.layers[module.layer_idx], OscarLayer)
-        if fold and quantized and not hasattr(module, "oscar_original"):
+        if fold and quantized:
             module.oscar_original = {name: getattr(module, name).weight.detach().clone()
                                      for name in ("v_proj", "o_proj")}
             if module.v_proj.bias is not None:
                 module.oscar_original["v_proj.bias"] = module.v_proj.bias.detach().clone()
             _fold_value_rotation(module, rotation, head_dim)
         module.oscar_cache = cache
-    if not hasattr(model, "oscar_attn_implementation"):
-        model.oscar_attn_implementation = model.config._attn_implementation
+    model.oscar_attn_implementation = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION)
     return cache
 

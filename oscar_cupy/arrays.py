@@ -36,10 +36,15 @@ class Kind(enum.Enum):
 
 def kind_of(x) -> Kind:
     module = type(x).__module__.split(".")[0]
-    if module == "torch":
+    if module == "torch" and hasattr(x, "is_conj"):
+        if str(x.layout) != "torch.strided" or x.is_conj() or x.is_neg():
+            raise TypeError("expected a dense torch tensor (no sparse layout, lazy conjugate or negative view); "
+                            "call .to_dense(), .resolve_conj() or .resolve_neg() first")
         return Kind.TORCH
     if module == "cupy":
         return Kind.CUPY
+    if isinstance(x, (np.ma.MaskedArray, np.matrix)):
+        raise TypeError(f"expected a plain numpy array, got {type(x).__name__} (np.asarray it first)")
     if isinstance(x, np.ndarray):
         return Kind.NUMPY
     raise TypeError(f"expected a numpy array, cupy array or torch tensor, got {type(x).__name__}")
@@ -111,8 +116,9 @@ def check_finite(x, name: str, where=True) -> None:
 
 
 def as_float32(x) -> np.ndarray:
-    """A new float32 copy of ``x`` (never a view of the caller's memory)."""
-    return np.array(x, dtype=np.float32, copy=True)
+    """A new C-contiguous float32 copy of ``x`` (never a view of the caller's memory; C order, so that results do not
+    depend on the caller's memory layout)."""
+    return np.array(x, dtype=np.float32, copy=True, order="C")
 
 
 def check_lengths(lengths, name: str, batch: int, capacity: int) -> np.ndarray:

@@ -63,6 +63,7 @@ def decode_attention(q, qkv: QuantizedKV, window_k=None, window_v=None, lengths=
     """
     if not isinstance(qkv, QuantizedKV):
         raise TypeError(f"qkv must be a QuantizedKV (from quantize_kv), got {type(qkv).__name__}")
+    qkv.check()
     q_array, kind = accept(q, "q")
     check_float(q_array, "q")
     check_rank(q_array, "q", 4, Q_AXES)
@@ -77,6 +78,8 @@ def decode_attention(q, qkv: QuantizedKV, window_k=None, window_v=None, lengths=
         raise ValueError(f"q is on {device_of(q_array)} but qkv on {device_of(qkv.k_codes)}; move them to one device")
     window = _accept_window(window_k, window_v, lengths, q_array, kind, qkv)
     scale = 1.0 / np.sqrt(head_dim) if scale is None else scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
     if not np.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
 

@@ -16,13 +16,26 @@ from __future__ import annotations
 
 import contextlib
 
+import ml_dtypes
 import numpy as np
 
 from oscar_cupy import layout
-from oscar_cupy.arrays import Kind, accept, check_float, check_rank, device_of, kind_of, on_gpu, same_kind
+from oscar_cupy.arrays import (
+    FLOAT_DTYPES,
+    Kind,
+    accept,
+    check_finite,
+    check_float,
+    check_lengths,
+    check_rank,
+    device_of,
+    kind_of,
+    on_gpu,
+    same_kind,
+)
 from oscar_cupy.attention import decode_attention
 from oscar_cupy.config import QuantConfig
-from oscar_cupy.quantized_kv import KV_AXES, QuantizedKV, quantize_kv
+from oscar_cupy.quantized_kv import KV_AXES, QuantizedKV, checked, quantize_kv
 
 
 WINDOW_GROWTH = 64  # the window buffers hold one window (all decode steps need) and grow by this many tokens for chunks
@@ -47,11 +60,17 @@ class LayerCache:
 
     def __init__(self, config: QuantConfig, batch: int, kv_heads: int, head_dim: int, dtype, like=None,
                  capacity: int = 0):
+        if not isinstance(config, QuantConfig):
+            raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
         config.check_head_dim(head_dim)
+        for name, value in (("batch", batch), ("kv_heads", kv_heads), ("capacity", capacity)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < (name != "capacity"):
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'capacity' else 'positive'} integer, "
+                                 f"got {value!r}")
         self.config = config
-        self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
+        self.batch, self.kv_heads, self.head_dim = int(batch), int(kv_heads), head_dim
         self._xp, self._device_id = _storage_of(like)
-        self.dtype = np.dtype(dtype)
+        self.dtype = _window_dtype(dtype)
         self.packed_lengths = np.zeros(batch, dtype=np.int64)
         self.window_lengths = np.zeros(batch, dtype=np.int64)
         window_shape = (batch, kv_heads, config.window, head_dim)  # grown for appends of more than one token at a time
@@ -106,15 +125,19 @@ class LayerCache:
     def prefill(self, k, v, lengths=None) -> None:
         """Store a prompt: ``k``, ``v`` ``(batch, kv_heads, tokens, head_dim)``, the first ``lengths[b]`` tokens of
         sequence ``b`` valid (default all). Whole flush blocks are packed, the rest goes to the window. The cache must
-        be empty (see :meth:`reset`); attend over the prompt in full precision before or after, as the model does."""
+        be empty (see :meth:`reset`); attend over the prompt in full precision before or after, as the model does.
+        Non-finite valid tokens are refused (``ValueError``): on the CPU here, on a GPU when they are packed (no host
+        synchronization for the window's tokens), as in :meth:`append`."""
         if self.lengths.any():
             raise ValueError("prefill needs an empty cache; call reset() first, or append() to add tokens")
         with self._stream_for(k):
             k_array, v_array = self._accept_kv(k, v)
             tokens = k_array.shape[2]
-            lengths = np.full(self.batch, tokens, np.int64) if lengths is None else np.asarray(lengths, np.int64)
-            if lengths.shape != (self.batch,) or lengths.min(initial=0) < 0 or lengths.max(initial=0) > tokens:
-                raise ValueError(f"lengths must be {self.batch} integers in [0, {tokens}], got {lengths.tolist()}")
+            lengths = check_lengths(lengths, "lengths", self.batch, tokens)
+            if not on_gpu(k_array):
+                valid = (np.arange(tokens)[None, :] < lengths[:, None])[:, None, :, None]
+                check_finite(k_array, "k", valid)
+                check_finite(v_array, "v", valid)
             packed = lengths // self.config.window * self.config.window
             if packed.any():
                 self._reserve(int(packed.max()))
@@ -132,9 +155,13 @@ class LayerCache:
         """Append ``k``, ``v`` ``(batch, kv_heads, n, head_dim)`` (n <= window tokens) after each sequence's tokens.
 
         A window that is full is packed first (normally :meth:`flush` did that after the previous step's attention).
+        Non-finite tokens are refused (``ValueError``): on the CPU here, on a GPU when their block is packed.
         """
         with self._stream_for(k):
             k_array, v_array = self._accept_kv(k, v)
+            if not on_gpu(k_array):
+                check_finite(k_array, "k")
+                check_finite(v_array, "v")
             count = k_array.shape[2]
             if count > self.config.window:
                 raise ValueError(f"append takes at most window={self.config.window} tokens at a time, got {count}")
@@ -166,6 +193,8 @@ class LayerCache:
     def flush(self, keep: int = 0) -> None:
         """Pack the oldest ``window`` tokens of every sequence whose window holds at least ``window + keep``: the
         ``keep`` newest tokens stay in full precision (a speculative step's candidates, which a crop may remove)."""
+        if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or not 0 <= keep <= self.config.window:
+            raise ValueError(f"keep must be an integer in [0, {self.config.window}], got {keep!r}")
         window = self.config.window
         full = np.flatnonzero(self.window_lengths >= window + keep)
         if not full.size:
@@ -189,8 +218,9 @@ class LayerCache:
         views = {name: array[:, :, : array.shape[2] * tokens // max(self.capacity, 1)]
                  for name, array in self._packed.items()}  # whole flush blocks: exact row counts
         views.setdefault("norms", None)
-        return QuantizedKV(config=self.config, **views, lengths=self.packed_lengths.copy(), num_tokens=tokens,
-                           dtype=self.dtype)
+        packed = QuantizedKV(config=self.config, **views, lengths=self.packed_lengths.copy(), num_tokens=tokens,
+                             dtype=self.dtype)
+        return checked(packed)
 
     def attend(self, q, scale=None, return_lse=False):
         """Decode attention of ``q`` ``(batch, q_heads, q_len, head_dim)`` over the packed part and the window
@@ -198,6 +228,8 @@ class LayerCache:
         window = int(self.window_lengths.max(initial=0))
         with self._stream_for(q):  # torch tensors convert on torch's stream (no cross-stream wait, capturable)
             q_array, kind = accept(q, "q")
+            if getattr(q_array, "dtype", None) != self.dtype:
+                raise TypeError(f"q has dtype {q_array.dtype} but the cache's window holds {self.dtype}; they must match")
             if self._xp is np:
                 result = decode_attention(q_array, self.packed(), self._window_k[:, :, :window],
                                           self._window_v[:, :, :window], lengths=self.window_lengths, scale=scale,
@@ -215,8 +247,6 @@ class LayerCache:
         from oscar_cupy import cuda_attention
 
         check_rank(q, "q", 4, "(batch, q_heads, q_len, head_dim)")
-        if q.dtype != self.dtype:
-            raise TypeError(f"q has dtype {q.dtype} but the cache's window holds {self.dtype}; they must match")
         if (q.shape[0], q.shape[3]) != (self.batch, self.head_dim) or q.shape[1] % self.kv_heads:
             raise ValueError(f"q has shape {tuple(q.shape)}; expected ({self.batch}, a multiple of {self.kv_heads} "
                              f"heads, q_len, {self.head_dim})")
@@ -235,7 +265,10 @@ class LayerCache:
 
     def reorder(self, indices) -> None:
         """Keep sequences ``indices`` (beam search's ``reorder_cache``/``batch_select_indices``), in that order."""
-        indices = np.asarray(indices, dtype=np.int64)
+        indices = np.asarray(indices)
+        if indices.dtype.kind not in "iu" and indices.size:
+            raise TypeError(f"indices must hold integers (sequence numbers), got dtype {indices.dtype}")
+        indices = indices.astype(np.int64)
         if indices.ndim != 1 or indices.min(initial=0) < 0 or indices.max(initial=0) >= self.batch:
             raise ValueError(f"indices must be a 1-D array of sequence numbers below {self.batch}")
         with self._stream(Kind.CUPY):  # the storage's device, on the current stream
@@ -297,6 +330,8 @@ class LayerCache:
         same_kind([(k_array, k_kind), (v_array, v_kind)], ["k", "v"])
         for array, name in ((k_array, "k"), (v_array, "v")):
             check_float(array, name)
+            if array.dtype != self.dtype:
+                raise TypeError(f"{name} has dtype {array.dtype} but the cache's window holds {self.dtype}")
             check_rank(array, name, 4, KV_AXES)
             expected = (self.batch, self.kv_heads, self.head_dim)
             if (array.shape[0], array.shape[1], array.shape[3]) != expected:
@@ -305,6 +340,8 @@ class LayerCache:
             if on_gpu(array) != (self._xp is not np) or (on_gpu(array) and array.device.id != self._device_id):
                 where = "the CPU" if self._xp is np else f"cuda:{self._device_id}"
                 raise ValueError(f"{name} is on {device_of(array)} but the cache's storage on {where}")
+        if k_array.shape != v_array.shape:
+            raise ValueError(f"k has shape {tuple(k_array.shape)} but v {tuple(v_array.shape)}: they must be equal")
         return k_array, v_array
 
     def _allocate(self, tokens: int) -> dict:
@@ -344,6 +381,19 @@ class LayerCache:
 
 def _blocks(tokens: int, window: int) -> int:
     return -(-tokens // window)
+
+
+def _window_dtype(dtype) -> np.dtype:
+    """The window dtype (float16, bfloat16 or float32; numpy, ml_dtypes or torch dtypes)."""
+    torch_names = {"torch.float16": np.float16, "torch.bfloat16": ml_dtypes.bfloat16, "torch.float32": np.float32}
+    dtype = torch_names.get(str(dtype), dtype)
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}") from None
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+    return dtype
 
 
 def _storage_of(like):

@@ -127,7 +127,10 @@ class QuantConfig:
 
 
 def _check_choice(field: str, value, choices) -> None:
-    if isinstance(value, bool) or value not in choices:
+    """``ValueError`` unless ``value`` is one of ``choices``, of the choices' own type (``2.0`` is not the int 2,
+    ``np.dtype("float16")`` not the string ``"float16"``)."""
+    kind = (int, np.integer) if isinstance(choices[0], int) else str
+    if isinstance(value, bool) or not isinstance(value, kind) or value not in choices:
         raise ValueError(f"QuantConfig.{field} must be one of {choices}, got {value!r}")
 
 

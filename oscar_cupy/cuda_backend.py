@@ -11,6 +11,7 @@ differs from numpy's.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import cupy
 import numpy as np
@@ -25,6 +26,7 @@ from oscar_cupy.quantize_launch import (
     quantize_values_launch,
     uses_hadamard,
 )
+from oscar_cupy.scaling import NORM_OVERFLOW
 
 THREADS = 256
 WARPS = THREADS // 32
@@ -134,13 +136,19 @@ def launch_quantize_keys(k, config: QuantConfig, lengths, out: dict, refused) ->
         k.device.id,
     )
     launch = quantize_keys_launch(batch, heads, head_dim, out["k_codes"].shape[2] // config.key_group, config,
-                                  k.itemsize)
+                                  k.itemsize, _max_shared_bytes(k.device.id))
     if launch.shared_bytes > STATIC_SHARED_LIMIT:
         cupy.cuda.driver.funcSetAttribute(
             function.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, launch.shared_bytes
         )
     function(launch.grid, launch.block, quantize_keys_args(k, strides, lengths, config, launch, out, refused),
              shared_mem=launch.shared_bytes)
+
+
+@functools.lru_cache(maxsize=None)
+def _max_shared_bytes(device_id: int) -> int:
+    """The most dynamic shared memory a block of device ``device_id`` may opt in to."""
+    return cupy.cuda.Device(device_id).attributes["MaxSharedMemoryPerBlockOptin"]
 
 
 def launch_quantize_values(v, config: QuantConfig, lengths, out: dict, refused) -> None:
@@ -161,6 +169,8 @@ def raise_refusals(refused, config: QuantConfig) -> None:
     for bit, name in ((1, "k"), (2, "v")):
         if flags & bit:
             raise ValueError(f"{name} contains NaN or Inf; non-finite keys, values and queries are refused")
+    if flags & 16:
+        raise ValueError(NORM_OVERFLOW)
     for bit, name, after in ((4, "k", " after rotation and token scaling"), (8, "v", " after rotation")):
         if flags & bit:
             raise ValueError(

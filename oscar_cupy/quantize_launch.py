@@ -23,7 +23,7 @@ KEY_BLOCK_WARPS = 8  # a quantize_keys block takes heads until it has this many 
 KEY_THREADS = 512  # the launch bounds of quantize_keys
 VALUE_WARPS = 4  # VAL_WARPS: warps of a quantize_values block
 VALUE_LANE_CHANNELS = {64: 32, 128: 32, 256: 32}  # value channels per lane of quantize_values (16 or 32), per head_dim
-STASH_LIMIT = 112 * 1024  # quantize_keys keeps its rows in shared memory up to this much (two blocks per SM)
+STASH_LIMIT = 112 * 1024  # quantize_keys keeps its rows in shared memory up to this much (two blocks per H100 SM)
 SCALINGS = {"none": 0, "l2": 1, "l2_per_head": 2}
 
 
@@ -49,11 +49,14 @@ class KeyLaunch:
     stash: bool
 
 
-def quantize_keys_launch(batch: int, heads: int, head_dim: int, groups: int, config: QuantConfig,
-                         itemsize: int) -> KeyLaunch:
+def quantize_keys_launch(batch: int, heads: int, head_dim: int, groups: int, config: QuantConfig, itemsize: int,
+                         max_shared_bytes: int) -> KeyLaunch:
     """The launch over ``groups`` key groups of ``batch`` sequences of ``heads`` heads (``itemsize``: bytes per input
-    element). A block takes one key group of one sequence; a warp holds ``32 // (head_dim // 16) * KEY_LANE_ROWS``
-    rows of one head. Raises ``ValueError`` for a lane geometry the key group does not fit."""
+    element) on a device whose blocks may have up to ``max_shared_bytes`` of dynamic shared memory (the opt-in
+    maximum: 227 KiB on the H100, 163 KiB on the A100, 99 KiB on sm_86/sm_89). A block takes one key group of one
+    sequence; a warp holds ``32 // (head_dim // 16) * KEY_LANE_ROWS`` rows of one head; the raw rows are stashed in
+    shared memory when they fit. Raises ``ValueError`` for a lane geometry the key group does not fit, or shared
+    memory the device does not have."""
     group, l2, lane_rows = config.key_group, config.token_scaling == "l2", KEY_LANE_ROWS[head_dim]
     warps_per_head = group // (32 // (head_dim // 16) * lane_rows)
     if not 1 <= warps_per_head <= KEY_THREADS // 32:
@@ -66,8 +69,11 @@ def quantize_keys_launch(batch: int, heads: int, head_dim: int, groups: int, con
         + heads_per_round * 2 * (group // lane_rows) * padded * 4  # partial extremes
         + heads_per_round * 2 * padded * 4  # group parameters
     )
+    if shared > max_shared_bytes:
+        raise ValueError(f"quantizing keys of {heads} heads in groups of {group} needs {shared} bytes of shared memory "
+                         f"per block; this GPU allows {max_shared_bytes}")
     stash_bytes = heads * group * head_dim * itemsize
-    stash = l2 and shared + stash_bytes <= STASH_LIMIT
+    stash = l2 and shared + stash_bytes <= min(STASH_LIMIT, max_shared_bytes)
     return KeyLaunch(grid=(groups, batch), block=(32 * warps_per_head * heads_per_round,),
                      shared_bytes=shared + (stash_bytes if stash else 0), heads_per_round=heads_per_round, stash=stash)
 

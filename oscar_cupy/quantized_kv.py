@@ -21,6 +21,7 @@ from oscar_cupy.arrays import (
     check_float,
     check_lengths,
     check_rank,
+    device_of,
     on_gpu,
     same_kind,
 )
@@ -60,6 +61,48 @@ class QuantizedKV:
     num_tokens: int
     dtype: np.dtype
     kind: Kind = Kind.NUMPY
+    checked: bool = dataclasses.field(default=False, init=False, repr=False)  # see check()
+
+    def check(self) -> None:
+        """Raise ``TypeError``/``ValueError`` naming the field unless the arrays form the packed layout of ``config``
+        (:func:`oscar_cupy.layout.array_specs`: shapes and dtypes, ``norms`` present exactly with token scaling) on one
+        device, with ``lengths`` int64 ``(batch,)`` in ``[0, num_tokens]`` and ``num_tokens`` within the capacity.
+        :func:`dequantize_kv` and :func:`oscar_cupy.decode_attention` call it once per object (what ``quantize_kv``
+        and the caches build is checked by construction; ``dataclasses.replace`` makes a new, unchecked object)."""
+        if self.checked:
+            return
+        if not isinstance(self.config, QuantConfig):
+            raise TypeError(f"QuantizedKV.config must be a QuantConfig, got {type(self.config).__name__}")
+        for name in ("k_codes", "v_codes"):
+            array = getattr(self, name)
+            if getattr(array, "ndim", None) != 4:
+                raise ValueError(f"QuantizedKV.{name} must be a 4-D array, got {type(array).__name__} of shape "
+                                 f"{getattr(array, 'shape', None)}")
+        batch, kv_heads, capacity, head_dim = (*self.k_codes.shape[:3], self.v_codes.shape[3])
+        self.config.check_head_dim(head_dim)
+        if kv_heads == 0:
+            raise ValueError(f"QuantizedKV.k_codes has shape {tuple(self.k_codes.shape)}: no KV heads")
+        specs = layout.array_specs(self.config, batch, kv_heads, capacity, head_dim)
+        if self.norms is not None and "norms" not in specs:
+            raise ValueError("QuantizedKV.norms must be None: the config has no token scaling")
+        device = device_of(self.k_codes)
+        for name, (shape, dtype) in specs.items():
+            array = getattr(self, name)
+            if array is None or tuple(array.shape) != shape or array.dtype != dtype:
+                raise ValueError(f"QuantizedKV.{name} must be {np.dtype(dtype).name} of shape {shape} for its config "
+                                 f"and k_codes {tuple(self.k_codes.shape)}, got "
+                                 f"{'None' if array is None else f'{array.dtype} of shape {tuple(array.shape)}'}")
+            if device_of(array) != device:
+                raise ValueError(f"QuantizedKV.{name} is on {device_of(array)} but k_codes on {device}")
+        if not 0 <= self.num_tokens <= capacity:
+            raise ValueError(f"QuantizedKV.num_tokens must lie in [0, {capacity}], got {self.num_tokens}")
+        lengths = np.asarray(self.lengths)
+        if lengths.dtype != np.int64 or lengths.shape != (batch,):
+            raise ValueError(f"QuantizedKV.lengths must be int64 of shape ({batch},), got {lengths.dtype} of shape "
+                             f"{lengths.shape}")
+        if lengths.min(initial=0) < 0 or lengths.max(initial=0) > self.num_tokens:
+            raise ValueError(f"QuantizedKV.lengths must lie in [0, {self.num_tokens}], got {lengths.tolist()}")
+        object.__setattr__(self, "checked", True)
 
     @property
     def batch(self) -> int:
@@ -90,9 +133,10 @@ class QuantizedKV:
 
     @property
     def bits_per_element(self) -> float:
-        """Stored bits per key or value element of the capacity: ``8 * nbytes / (2 * B * Hk * T * D)``."""
+        """Stored bits per key or value element of the capacity: ``8 * nbytes / (2 * B * Hk * T * D)`` (NaN for an
+        empty capacity)."""
         elements = 2 * self.batch * self.kv_heads * self.capacity * self.head_dim
-        return 8 * self.nbytes / elements
+        return 8 * self.nbytes / elements if elements else float("nan")
 
     def dequantize(self):
         """``(keys, values)`` as :func:`dequantize_kv` returns them."""
@@ -111,6 +155,9 @@ def quantize_kv(k, v, config: QuantConfig | None = None, lengths=None) -> Quanti
             ``b``; default: all). Tokens beyond never enter a group's min/max.
     """
     config = QuantConfig() if config is None else config
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig (e.g. QuantConfig.preset('oscar-2')), "
+                        f"got {type(config).__name__}")
     (k_array, k_kind), (v_array, v_kind) = accept(k, "k"), accept(v, "v")
     kind = same_kind([(k_array, k_kind), (v_array, v_kind)], ["k", "v"])
     for array, name in ((k_array, "k"), (v_array, "v")):
@@ -122,6 +169,8 @@ def quantize_kv(k, v, config: QuantConfig | None = None, lengths=None) -> Quanti
         raise TypeError(f"v has dtype {v_array.dtype} but k has {k_array.dtype}; they must match")
     batch, kv_heads, tokens, head_dim = k_array.shape
     config.check_head_dim(head_dim)
+    if kv_heads == 0:
+        raise ValueError(f"k has shape {tuple(k_array.shape)}: no KV heads")
     lengths = check_lengths(lengths, "lengths", batch, tokens)
     capacity = layout.capacity(tokens, config)
     if on_gpu(k_array):
@@ -133,7 +182,15 @@ def quantize_kv(k, v, config: QuantConfig | None = None, lengths=None) -> Quanti
     else:
         arrays = _quantize_cpu(k_array, v_array, config, lengths, capacity)
     arrays.setdefault("norms", None)
-    return QuantizedKV(config=config, **arrays, lengths=lengths, num_tokens=tokens, dtype=k_array.dtype, kind=kind)
+    return checked(QuantizedKV(config=config, **arrays, lengths=lengths, num_tokens=tokens, dtype=k_array.dtype,
+                               kind=kind))
+
+
+def checked(qkv: QuantizedKV) -> QuantizedKV:
+    """``qkv`` marked as checked: for the library's own constructions, consistent by construction (no cost per
+    decode step)."""
+    object.__setattr__(qkv, "checked", True)
+    return qkv
 
 
 def _quantize_cpu(k_array, v_array, config: QuantConfig, lengths: np.ndarray, capacity: int) -> dict:
@@ -165,6 +222,9 @@ def dequantize_kv(qkv: QuantizedKV):
     Same dtype and array kind as the quantized inputs; tokens beyond a sequence's length are zero. For tests,
     debugging and evaluation: attention never needs this (see :func:`oscar_cupy.decode_attention`).
     """
+    if not isinstance(qkv, QuantizedKV):
+        raise TypeError(f"qkv must be a QuantizedKV (from quantize_kv), got {type(qkv).__name__}")
+    qkv.check()
     if on_gpu(qkv.k_codes):
         from oscar_cupy import cuda_backend
 

@@ -29,10 +29,13 @@ def hadamard(x, axis: int = -1):
     """Normalized Walsh–Hadamard transform of ``x`` along ``axis`` (length a power of two from 16 to 256).
 
     ``x``: numpy array, cupy array or torch tensor of float16, bfloat16 or float32; the result has the same kind, shape
-    and dtype (computed in float32). Applying it twice gives ``x`` back up to rounding.
+    and dtype (computed in float32). Applying it twice gives ``x`` back up to rounding. A pure transform: NaN and Inf
+    propagate, and float16 results beyond its range become Inf (the quantizing functions refuse such values).
     """
     array, kind = accept(x, "x")
     check_float(array, "x")
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"axis must be an integer, got {axis!r}")
     if not -array.ndim <= axis < array.ndim:
         raise ValueError(f"axis {axis} is out of range for x of shape {tuple(array.shape)}")
     _check_size(array.shape[axis], "x's length along axis")
@@ -68,5 +71,7 @@ def unrotate(x: np.ndarray, rotation) -> np.ndarray:
 
 
 def _check_size(n: int, what: str) -> None:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"{what} must be an integer, got {n!r}")
     if n not in HADAMARD_SIZES:
         raise ValueError(f"{what} is {n}; the Hadamard transform needs a power of two from 16 to 256")

@@ -15,19 +15,25 @@ from __future__ import annotations
 
 import numpy as np
 
+NORM_OVERFLOW = ("k holds a token whose L2 norm exceeds float32's range (keys near float32's largest values); "
+                 "its keys cannot be scaled")
+
 
 def token_norms(keys: np.ndarray, token_scaling: str) -> np.ndarray | None:
     """Norms of float32 ``keys`` ``(batch, kv_heads, tokens, head_dim)``.
 
     Returns float32 ``(batch, 1, tokens)`` for ``"l2"``, ``(batch, kv_heads, tokens)`` for ``"l2_per_head"`` and
-    ``None`` for ``"none"``.
+    ``None`` for ``"none"``. Raises ``ValueError`` for a norm beyond float32's range.
     """
     if token_scaling == "none":
         return None
     squares = np.square(keys.astype(np.float64)).sum(axis=-1)
     if token_scaling == "l2":
         squares = squares.sum(axis=1, keepdims=True)
-    norms = np.sqrt(squares).astype(np.float32)
+    with np.errstate(over="ignore"):
+        norms = np.sqrt(squares).astype(np.float32)
+    if not np.isfinite(norms).all():
+        raise ValueError(NORM_OVERFLOW)
     norms[norms == 0] = 1.0
     return norms
 

@@ -23,7 +23,8 @@
 // Inputs are (B, H, T, D) with any element strides for B, H and T, contiguous channels and rows aligned to 16
 // elements (the launcher copies other layouts). Tokens at or beyond a sequence's length (lengths[b]) are padding: never
 // read, code 0, scale 0, zero 0, norm 0. Refusals are reported in *refused: bit 0 (keys) or 1 (values) for a non-finite
-// valid input element, bit 2 (keys) or 3 (values) for a group beyond the scale dtype's range.
+// valid input element, bit 2 (keys) or 3 (values) for a group beyond the scale dtype's range, bit 4 for a token norm
+// beyond float32's range.
 #include "common.cuh"
 
 #define SCALING_NONE 0
@@ -99,6 +100,9 @@ __device__ __forceinline__ float norm_of(double squares) {
 // a finite float64 sum of squares means every element summed was finite
 __device__ __forceinline__ bool finite_squares(double squares) { return squares <= 1.7976931348623157e308; }
 
+// a norm rounded to float32 beyond its range (an infinite norm: the keys could not be scaled)
+__device__ __forceinline__ bool norm_overflows(float norm) { return norm > 3.40282347e38f; }
+
 // code bits of quantizer.encode, clamp(rint((x - zero) * inverse), 0, L): adding 1.5 * 2^23 rounds half to even into
 // the low mantissa bits. For an element of its group, x >= min >= zero, so the product is >= 0; and it is at most
 // L * (1 + 3 * 2^-24), since zero + L * scale covers max, so rint never exceeds L: the clamp changes nothing. Only an
@@ -134,7 +138,7 @@ extern "C" __global__ void __launch_bounds__(512) quantize_keys(
     const int warps_per_head = key_group / KEY_WARP_ROWS, partials = key_group / KEY_LANE_ROWS;
     const in_t* base = keys + b * stride_batch + first * stride_token + row_lane * KEY_PER;
     float bad = 0.f;
-    bool in_range = true;
+    bool in_range = true, norms_in_range = true;
 
     unsigned char* next = shared;
     double* squares = reinterpret_cast<double*>(next);
@@ -178,6 +182,7 @@ extern "C" __global__ void __launch_bounds__(512) quantize_keys(
             for (int h = 0; h < heads && t < valid; ++h) sum += squares[h * key_group + t];
             if (!finite_squares(sum)) bad = __int_as_float(0x7fc00000);
             const float norm = norm_of(sum);
+            norms_in_range &= !norm_overflows(norm);
             inverse_norms[t] = 1.0f / norm;
             norms_out[b * capacity + first + t] = t < valid ? norm : 0.f;
         }
@@ -210,6 +215,7 @@ extern "C" __global__ void __launch_bounds__(512) quantize_keys(
                 const double sum = row_sum(row_squares(x[r]), KEY_ROW_LANES);
                 if (!finite_squares(sum)) bad = __int_as_float(0x7fc00000);
                 const float norm = norm_of(sum);
+                norms_in_range &= !(row_valid && norm_overflows(norm));
                 inverse = 1.0f / norm;
                 if (active && row_lane == 0) norms_out[bh * capacity + first + t] = row_valid ? norm : 0.f;
             }
@@ -276,6 +282,7 @@ extern "C" __global__ void __launch_bounds__(512) quantize_keys(
     }
     if (bad != 0.f) atomicOr(refused, 1);
     if (!in_range) atomicOr(refused, 4);
+    if (!norms_in_range) atomicOr(refused, 16);
 }
 
 // Values. Grid (ceil(word rows / (VAL_WARPS * VAL_ROWS)), B * H): row slot s of warp w packs value word row

@@ -127,13 +127,45 @@ def test_bad_inputs(rng):
         cache.append(np.zeros((2, 3, 10, 64), np.float32), v)
     with pytest.raises(ValueError, match="at most window=64 tokens"):
         cache.append(*random_kv(rng, batch=2, kv_heads=2, tokens=65, head_dim=64))
-    with pytest.raises(ValueError, match="lengths must be 2 integers"):
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, 10\]"):
         cache.prefill(k, v, lengths=[11, 3])
+    with pytest.raises(TypeError, match="lengths must hold integers"):
+        cache.prefill(k, v, lengths=[9.5, 3.2])
+    with pytest.raises(TypeError, match="lengths must hold integers"):
+        cache.prefill(k, v, lengths=[True, True])
+    with pytest.raises(ValueError, match=r"k has shape \(2, 2, 10, 64\) but v \(2, 2, 5, 64\)"):
+        cache.prefill(k, v[:, :, :5])
+    with pytest.raises(TypeError, match="v has dtype float16 but the cache's window holds float32"):
+        cache.append(k, v.astype(np.float16))
+    bad = k.copy()
+    bad[1, 0, 3, 5] = np.nan
+    with pytest.raises(ValueError, match="k contains NaN or Inf"):
+        cache.append(bad, v)
+    with pytest.raises(ValueError, match="k contains NaN or Inf"):
+        cache.prefill(bad, v, lengths=[10, 4])
+    assert not cache.lengths.any()  # nothing stored by the refused calls
+    cache.prefill(bad, v, lengths=[10, 3])  # a padding token is not looked at
+    cache.reset()
     cache.append(k, v)
     with pytest.raises(ValueError, match="needs an empty cache"):
         cache.prefill(k, v)
+    with pytest.raises(TypeError, match="indices must hold integers"):
+        cache.reorder(np.array([False, True]))
+    with pytest.raises(ValueError, match=r"keep must be an integer in \[0, 64\], got -20"):
+        cache.flush(keep=-20)
+    with pytest.raises(TypeError, match="q has dtype float16 but the cache's window holds float32"):
+        cache.attend(np.ones((2, 2, 1, 64), np.float16))
     with pytest.raises(ValueError, match="head_dim 96 is not supported"):
         LayerCache(CONFIG, 1, 1, 96, np.float32)
+    for dtype in (np.int32, np.float64, "float8"):
+        with pytest.raises(TypeError, match="dtype must be float16, bfloat16 or float32"):
+            LayerCache(CONFIG, 1, 1, 64, dtype)
+    with pytest.raises(ValueError, match="capacity must be a non-negative integer, got -300"):
+        LayerCache(CONFIG, 1, 1, 64, np.float32, capacity=-300)
+    with pytest.raises(ValueError, match="batch must be a positive integer, got 2.0"):
+        LayerCache(CONFIG, 2.0, 1, 64, np.float32)
+    with pytest.raises(TypeError, match="config must be a QuantConfig"):
+        LayerCache("oscar-2", 1, 1, 64, np.float32)
 
 
 def test_window_buffer_holds_one_window_and_grows_only_for_chunks(rng):

@@ -137,6 +137,10 @@ def test_refusals(rng):
     oc.quantize_kv(cupy.asarray(bad), cupy.asarray(v), lengths=[64, 10])  # padding is never read
     with pytest.raises(ValueError, match="v holds values beyond the range of scale_dtype float16"):
         oc.quantize_kv(cupy.asarray(k), cupy.asarray(v * 0 + 1e5))
+    huge = k.copy()
+    huge[1, 0, 5, :2] = 3e38  # finite keys whose token norm overflows float32
+    with pytest.raises(ValueError, match="k holds a token whose L2 norm exceeds float32's range"):
+        oc.quantize_kv(cupy.asarray(huge), cupy.asarray(v), oc.QuantConfig(rotation="none", scale_dtype="float32"))
     before = k.copy()
     oc.quantize_kv(cupy.asarray(k), cupy.asarray(v)).dequantize()
     np.testing.assert_array_equal(k, before)

@@ -32,9 +32,13 @@ def rows(x: np.ndarray):
     return x, [np.int64(stride // x.itemsize) for stride in x.strides[:3]]
 
 
-def emulated_quantize(k, v, config, lengths, source=None) -> tuple[dict, int]:
+H100_SHARED_BYTES = 227 * 1024  # the opt-in maximum of dynamic shared memory per block
+
+
+def emulated_quantize(k, v, config, lengths, source=None, max_shared_bytes=H100_SHARED_BYTES) -> tuple[dict, int]:
     """``(packed arrays, refusal flags)`` of numpy ``k``, ``v`` ``(B, H, T, D)`` quantized by the emulated kernels into
-    outputs poisoned with 0xFF bytes; ``source``: a replacement for quantize.cu."""
+    outputs poisoned with 0xFF bytes, as on a GPU with ``max_shared_bytes``; ``source``: a replacement for
+    quantize.cu."""
     batch, heads, tokens, head_dim = k.shape
     module = Module(kernels.quantize_variant(head_dim, config.bits, np.dtype(k.dtype).name, config.scale_dtype),
                     source)
@@ -46,7 +50,8 @@ def emulated_quantize(k, v, config, lengths, source=None) -> tuple[dict, int]:
     refused = np.zeros(1, np.int32)
     (k, k_strides), (v, v_strides) = rows(k), rows(v)
     launch = quantize_keys_launch(batch, heads, head_dim, out["k_codes"].shape[2] // config.key_group, config,
-                                  k.itemsize)
+                                  k.itemsize, max_shared_bytes)
+    assert launch.shared_bytes <= max_shared_bytes
     module.launch("quantize_keys", launch.grid, launch.block,
                   quantize_keys_args(k, k_strides, lengths, config, launch, out, refused), launch.shared_bytes)
     grid, block = quantize_values_launch(batch, heads, head_dim, out["v_scales"].shape[2], config)
@@ -54,9 +59,9 @@ def emulated_quantize(k, v, config, lengths, source=None) -> tuple[dict, int]:
     return out, int(refused[0])
 
 
-def assert_same_as_cpu(k, v, config, lengths):
+def assert_same_as_cpu(k, v, config, lengths, max_shared_bytes=H100_SHARED_BYTES):
     cpu = oc.quantize_kv(k, v, config, lengths=lengths).arrays()
-    emulated, refused = emulated_quantize(k, v, config, lengths)
+    emulated, refused = emulated_quantize(k, v, config, lengths, max_shared_bytes=max_shared_bytes)
     assert refused == 0
     assert set(emulated) == set(cpu)
     for name in cpu:
@@ -88,8 +93,21 @@ def test_other_lane_geometries(rng, monkeypatch, head_dim, key_lane_rows, value_
 def test_a_geometry_that_does_not_fit_is_refused(monkeypatch):
     monkeypatch.setitem(quantize_launch.KEY_LANE_ROWS, 256, 2)  # 32 warps for a key group of 128
     with pytest.raises(ValueError, match=r"KEY_LANE_ROWS\[256\] = 2 does not fit key groups of 128"):
-        quantize_keys_launch(1, 8, 256, 4, oc.QuantConfig(key_group=128), 2)
-    quantize_keys_launch(1, 8, 256, 4, oc.QuantConfig(key_group=64), 2)
+        quantize_keys_launch(1, 8, 256, 4, oc.QuantConfig(key_group=128), 2, H100_SHARED_BYTES)
+    quantize_keys_launch(1, 8, 256, 4, oc.QuantConfig(key_group=64), 2, H100_SHARED_BYTES)
+
+
+@pytest.mark.parametrize("max_shared_kib", [99, 48])
+def test_smaller_shared_memory(rng, max_shared_kib):
+    """On GPUs with less shared memory per block (99 KiB on sm_86/sm_89) the raw rows that do not fit are read again
+    instead of stashed, with the same results; what cannot fit at all is refused before the launch."""
+    k, v = random_kv(rng, batch=2, kv_heads=8, tokens=64, head_dim=128, dtype=ml_dtypes.bfloat16)
+    config = oc.QuantConfig()  # Llama-3-8B's keys: with the stash, 104 KiB per block on the H100 and the A100
+    assert quantize_keys_launch(2, 8, 128, 2, config, 2, H100_SHARED_BYTES).shared_bytes > 99 * 1024
+    assert not quantize_keys_launch(2, 8, 128, 2, config, 2, max_shared_kib * 1024).stash
+    assert_same_as_cpu(k, v, config, [64, 50], max_shared_bytes=max_shared_kib * 1024)
+    with pytest.raises(ValueError, match="needs .* bytes of shared memory per block; this GPU allows 8192"):
+        quantize_keys_launch(2, 8, 128, 2, config, 2, 8 * 1024)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -120,8 +138,8 @@ def test_real_model_kv():
 
 
 def test_refusal_flags(rng):
-    """A non-finite valid element sets bit 1 (keys) or 2 (values), a group beyond the scale dtype's range 4 or 8;
-    padding is never read."""
+    """A non-finite valid element sets bit 1 (keys) or 2 (values), a group beyond the scale dtype's range 4 or 8, a
+    token norm beyond float32's 16; padding is never read."""
     k, v = random_kv(rng, batch=2, kv_heads=2, tokens=64, head_dim=64, dtype=np.float32)
     config = oc.QuantConfig()
     bad = k.copy()
@@ -133,6 +151,12 @@ def test_refusal_flags(rng):
     assert emulated_quantize(k, bad_v, config, [64, 64])[1] == 2 | 8  # an infinite group is out of range too
     assert emulated_quantize(k, v * 0 + 1e5, config, [64, 64])[1] == 8
     assert emulated_quantize(k * 1e5, v, oc.QuantConfig(token_scaling="none"), [64, 64])[1] == 4
+    huge = k.copy()
+    huge[0, 1, 7, :2] = 3e38  # finite keys whose norm is not
+    for scaling in ("l2", "l2_per_head"):
+        config = oc.QuantConfig(rotation="none", token_scaling=scaling, scale_dtype="float32")
+        assert emulated_quantize(huge, v, config, [64, 64])[1] == 16
+        assert emulated_quantize(huge, v, config, [7, 64])[1] == 0  # a padding token
 
 
 def test_inputs_are_not_modified(rng):

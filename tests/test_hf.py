@@ -109,6 +109,38 @@ def test_disable_restores_the_weights_bit_for_bit():
     assert model.config._attn_implementation != "oscar_cupy"
 
 
+def test_enabling_again_follows_the_new_config_alone():
+    """enable_oscar on an enabled model undoes the first (its fold) before applying the second config."""
+    model = tiny_model("llama")
+    tokens = torch.randint(0, 256, (2, 90))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    kivi = oc.QuantConfig.preset("kivi-2", window=32)
+    enable_oscar(model, oc.QuantConfig(window=32))
+    again = teacher_forced_logits(model, tokens, enable_oscar(model, kivi), 40)
+    disable_oscar(model)
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    fresh = teacher_forced_logits(model, tokens, enable_oscar(model, kivi), 40)
+    disable_oscar(model)
+    assert torch.equal(again, fresh)
+    with pytest.raises(TypeError, match="config must be a QuantConfig"):
+        enable_oscar(model, "oscar-2")
+    with pytest.raises(TypeError, match="the model's weights are torch.float64"):
+        enable_oscar(model.double())
+
+
+def test_a_cache_used_without_oscar_attention_is_refused():
+    """The prompt of a model whose attention is not oscar_cupy's never reaches the cache: its next step raises
+    instead of attending to the new token alone."""
+    model = tiny_model("llama")
+    tokens = torch.randint(0, 256, (1, 21))
+    cache = enable_oscar(model)
+    disable_oscar(model)
+    with torch.no_grad():
+        model(tokens[:, :20], past_key_values=cache)
+        with pytest.raises(RuntimeError, match="does not store its prompt"):
+            model(tokens[:, 20:], past_key_values=cache)
+
+
 def test_left_padded_batch_gives_each_sequence_its_own_logits():
     model = tiny_model("llama")
     config = oc.QuantConfig.preset("oscar-2", window=32)

@@ -262,6 +262,8 @@ def enable_oscar(model, config: QuantConfig | None = None, capacity: int = 0) ->
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig (e.g. QuantConfig.preset('oscar-2')), "
                         f"got {type(config).__name__}")
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+        raise ValueError(f"capacity must be a non-negative integer (tokens per sequence), got {capacity!r}")
     if hasattr(model, "oscar_attn_implementation"):
         disable_oscar(model)
     attentions = _attention_modules(model)

@@ -281,6 +281,8 @@ class LayerCache:
     def crop(self, length: int) -> None:
         """Drop every token at or after position ``length`` of each sequence. Packed tokens cannot be cropped: a crop
         into the packed part raises ``ValueError``."""
+        if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
+            raise ValueError(f"length must be a non-negative integer (tokens to keep), got {length!r}")
         length = int(length)
         if (self.packed_lengths > length).any():
             raise ValueError(

@@ -19,6 +19,10 @@ import numpy as np
 from oscar_cupy import kernels, layout
 from oscar_cupy.config import QuantConfig
 from oscar_cupy.quantize_launch import (
+    dequantize_keys_args,
+    dequantize_launch,
+    dequantize_values_args,
+    hadamard_launch,
     hadamard_normalization,
     quantize_keys_args,
     quantize_keys_launch,
@@ -28,8 +32,7 @@ from oscar_cupy.quantize_launch import (
 )
 from oscar_cupy.scaling import NORM_OVERFLOW
 
-THREADS = 256
-WARPS = THREADS // 32
+THREADS = 256  # window_append's block
 STATIC_SHARED_LIMIT = 48 * 1024  # dynamic shared memory beyond this needs the function attribute raised
 DTYPE_NAMES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}
 
@@ -182,31 +185,23 @@ def raise_refusals(refused, config: QuantConfig) -> None:
 def dequantize(qkv, dtype):
     """cupy ``(keys, values)`` ``(B, Hk, num_tokens, D)`` of ``dtype`` in the caller's basis (``dequantize_kv``)."""
     config = qkv.config
-    batch, heads, capacity, head_dim = qkv.batch, qkv.kv_heads, qkv.capacity, qkv.head_dim
+    batch, heads, head_dim = qkv.batch, qkv.kv_heads, qkv.head_dim
     tokens = qkv.num_tokens
     matrix = config.rotation if isinstance(config.rotation, np.ndarray) else None
     kernel_dtype = "float32" if matrix is not None else dtype_name(dtype)
     variant = kernels.dequantize_variant(head_dim, config.bits, kernel_dtype, config.scale_dtype)
     device_id = qkv.k_codes.device.id
     lengths = cupy.asarray(qkv.lengths, dtype=cupy.int64)
-    grid = (max(1, -(-tokens // WARPS)), batch * heads)  # a warp per token row
-    norm = hadamard_normalization(head_dim)
+    grid, block = dequantize_launch(batch, heads, tokens)
     out_dtype = np.float32 if matrix is not None else dtype
     keys = cupy.empty((batch, heads, tokens, head_dim), dtype=out_dtype)
     values = cupy.empty((batch, heads, tokens, head_dim), dtype=out_dtype)
     if tokens:
-        norms = qkv.norms
+        rotate = uses_hadamard(config)
         kernels.function(variant, "dequantize_keys", device_id)(
-            grid, (THREADS,),
-            (qkv.k_codes, qkv.k_scales, qkv.k_zeros, norms if norms is not None else np.uint64(0),
-             np.int32(0 if norms is None else norms.shape[1]), lengths, np.int32(heads), np.int32(capacity),
-             np.int32(tokens), np.int32(config.key_group), np.int32(uses_hadamard(config)), norm, keys),
-        )
+            grid, block, dequantize_keys_args(qkv, lengths, rotate, keys))
         kernels.function(variant, "dequantize_values", device_id)(
-            grid, (THREADS,),
-            (qkv.v_codes, qkv.v_scales, qkv.v_zeros, lengths, np.int32(heads), np.int32(capacity), np.int32(tokens),
-             np.int32(config.value_group), np.int32(uses_hadamard(config) and config.rotate_values), norm, values),
-        )
+            grid, block, dequantize_values_args(qkv, lengths, rotate and config.rotate_values, values))
     if matrix is not None:
         keys = _times_matrix(keys, matrix)  # R^T @ x for each row x
         if config.rotate_values:
@@ -223,8 +218,8 @@ def hadamard_last_axis(x, out=None):
     out = cupy.empty_like(x) if out is None else out
     if rows:
         function = kernels.function(kernels.rotate_variant(size, dtype_name(x.dtype)), "hadamard_rows", x.device.id)
-        rows_per_block = WARPS * (32 // min(32, size))  # a row spans min(32, size) lanes
-        function((-(-rows // rows_per_block),), (THREADS,), (x, out, np.int64(rows), hadamard_normalization(size)))
+        grid, block = hadamard_launch(rows, size)
+        function(grid, block, (x, out, np.int64(rows), hadamard_normalization(size)))
     return out
 
 

@@ -1,5 +1,6 @@
 """How the write path's kernels are launched: the geometry and the arguments of ``quantize_keys`` and
-``quantize_values`` (``raw_kernels/quantize.cu``), with numpy only.
+``quantize_values`` (``raw_kernels/quantize.cu``), of their inverses ``dequantize_keys`` and ``dequantize_values``
+(``dequantize.cu``) and of ``hadamard_rows`` (``rotate.cu``), with numpy only.
 
 :mod:`oscar_cupy.cuda_backend` launches them on the GPU with cupy arrays; the tests run the same launches, with numpy
 arrays, through a CPU emulation of the kernels (``tests/emulator.py``), so the launches' arithmetic is tested without a
@@ -23,6 +24,7 @@ KEY_BLOCK_WARPS = 8  # a quantize_keys block takes heads until it has this many 
 KEY_THREADS = 512  # the launch bounds of quantize_keys
 VALUE_WARPS = 4  # VAL_WARPS: warps of a quantize_values block
 VALUE_LANE_CHANNELS = {64: 32, 128: 32, 256: 32}  # value channels per lane of quantize_values (16 or 32), per head_dim
+ROW_THREADS = 256  # THREADS of dequantize.cu and rotate.cu: a warp per token row (dequantize), rows of hadamard_rows
 STASH_LIMIT = 112 * 1024  # quantize_keys keeps its rows in shared memory up to this much (two blocks per H100 SM)
 SCALINGS = {"none": 0, "l2": 1, "l2_per_head": 2}
 
@@ -105,3 +107,31 @@ def quantize_values_args(v, strides, lengths, config: QuantConfig, out: dict, re
     return (v, *strides, lengths, np.int32(heads), np.int32(out["v_scales"].shape[2]), np.int32(config.value_group),
             np.int32(rotate), hadamard_normalization(head_dim), out["v_codes"], out["v_scales"], out["v_zeros"],
             refused)
+
+
+def dequantize_launch(batch: int, heads: int, tokens: int) -> tuple:
+    """``(grid, block)`` of ``dequantize_keys`` and ``dequantize_values``: a warp per token row."""
+    return (max(1, -(-tokens // (ROW_THREADS // 32))), batch * heads), (ROW_THREADS,)
+
+
+def dequantize_keys_args(qkv, lengths, rotate: bool, out) -> tuple:
+    """The arguments of ``dequantize_keys``: the packed arrays of ``qkv`` (a :class:`oscar_cupy.QuantizedKV`),
+    ``lengths`` int64 ``(B,)``, whether to rotate back, ``out`` ``(B, H, num_tokens, D)``."""
+    norms = qkv.norms
+    return (qkv.k_codes, qkv.k_scales, qkv.k_zeros, norms if norms is not None else np.uint64(0),
+            np.int32(0 if norms is None else norms.shape[1]), lengths, np.int32(qkv.kv_heads),
+            np.int32(qkv.capacity), np.int32(qkv.num_tokens), np.int32(qkv.config.key_group), np.int32(rotate),
+            hadamard_normalization(qkv.head_dim), out)
+
+
+def dequantize_values_args(qkv, lengths, rotate: bool, out) -> tuple:
+    """The arguments of ``dequantize_values`` (as :func:`dequantize_keys_args`)."""
+    return (qkv.v_codes, qkv.v_scales, qkv.v_zeros, lengths, np.int32(qkv.kv_heads), np.int32(qkv.capacity),
+            np.int32(qkv.num_tokens), np.int32(qkv.config.value_group), np.int32(rotate),
+            hadamard_normalization(qkv.head_dim), out)
+
+
+def hadamard_launch(rows: int, size: int) -> tuple:
+    """``(grid, block)`` of ``hadamard_rows`` over ``rows`` rows of ``size``: a row spans ``min(32, size)`` lanes."""
+    rows_per_block = ROW_THREADS // 32 * (32 // min(32, size))
+    return (-(-rows // rows_per_block),), (ROW_THREADS,)

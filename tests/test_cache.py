@@ -153,6 +153,8 @@ def test_bad_inputs(rng):
         cache.reorder(np.array([False, True]))
     with pytest.raises(ValueError, match=r"keep must be an integer in \[0, 64\], got -20"):
         cache.flush(keep=-20)
+    with pytest.raises(ValueError, match="length must be a non-negative integer"):
+        cache.crop(-2)
     with pytest.raises(TypeError, match="q has dtype float16 but the cache's window holds float32"):
         cache.attend(np.ones((2, 2, 1, 64), np.float16))
     with pytest.raises(ValueError, match="head_dim 96 is not supported"):

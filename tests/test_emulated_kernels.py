@@ -1,6 +1,7 @@
-"""The write path's CUDA kernels (``raw_kernels/quantize.cu``), run on the CPU by ``tests/emulator.py``, against the
-CPU reference: identical codes, scales, zeros and norms, every output written, through the launch geometry and
-arguments the CUDA backend uses (``oscar_cupy/quantize_launch.py``). No GPU needed; skipped without g++. The same
+"""The write path's CUDA kernels (``raw_kernels/quantize.cu``, ``dequantize.cu``, ``rotate.cu``), run on the CPU by
+``tests/emulator.py``, against the CPU reference: identical codes, scales, zeros and norms (and dequantized and rotated
+values), every output written, through the launch geometry and arguments the CUDA backend uses
+(``oscar_cupy/quantize_launch.py``). No GPU needed; skipped without g++. The same
 comparisons on the GPU are ``tests/test_cuda.py``.
 """
 
@@ -15,6 +16,11 @@ from emulator import COMPILER, Module
 import oscar_cupy as oc
 from oscar_cupy import kernels, layout, quantize_launch
 from oscar_cupy.quantize_launch import (
+    dequantize_keys_args,
+    dequantize_launch,
+    dequantize_values_args,
+    hadamard_launch,
+    hadamard_normalization,
     quantize_keys_args,
     quantize_keys_launch,
     quantize_values_args,
@@ -23,6 +29,11 @@ from oscar_cupy.quantize_launch import (
 
 pytestmark = pytest.mark.skipif(COMPILER is None, reason="no g++ to build the kernels' host version")
 REAL_KV = os.environ.get("OSCAR_REAL_KV", ".assets/smollm2_kv.npz")  # made by bench/dump_kv.py
+
+
+def poisoned_like(shape, dtype) -> np.ndarray:
+    """A new array of ``shape`` and ``dtype`` with every byte 0xFF (NaN for floats, all ones for codes)."""
+    return np.frombuffer(b"\xff" * (int(np.prod(shape)) * np.dtype(dtype).itemsize), dtype).reshape(shape).copy()
 
 
 def rows(x: np.ndarray):
@@ -42,10 +53,8 @@ def emulated_quantize(k, v, config, lengths, source=None, max_shared_bytes=H100_
     batch, heads, tokens, head_dim = k.shape
     module = Module(kernels.quantize_variant(head_dim, config.bits, np.dtype(k.dtype).name, config.scale_dtype),
                     source)
-    out = {name: np.full(shape, 0xFF, np.uint8).view(dtype) if np.dtype(dtype).itemsize == 1 else
-           np.frombuffer(b"\xff" * (int(np.prod(shape)) * np.dtype(dtype).itemsize), dtype).reshape(shape).copy()
-           for name, (shape, dtype) in layout.array_specs(config, batch, heads, layout.capacity(tokens, config),
-                                                          head_dim).items()}
+    out = {name: poisoned_like(shape, dtype) for name, (shape, dtype) in
+           layout.array_specs(config, batch, heads, layout.capacity(tokens, config), head_dim).items()}
     lengths = np.asarray(lengths, dtype=np.int64)
     refused = np.zeros(1, np.int32)
     (k, k_strides), (v, v_strides) = rows(k), rows(v)
@@ -177,3 +186,34 @@ def test_a_changed_kernel_is_caught(rng):
     cpu = oc.quantize_kv(k, v, config).arrays()
     assert not np.array_equal(changed["k_codes"], cpu["k_codes"])
     assert not np.array_equal(changed["v_codes"], cpu["v_codes"])
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("config", [oc.QuantConfig(), oc.QuantConfig(bits=4, token_scaling="l2_per_head"),
+                                    oc.QuantConfig.preset("kivi-2")], ids=["oscar-2", "per-head-4", "kivi-2"])
+def test_dequantize_kernels_equal_cpu(rng, head_dim, config):
+    dtype = DTYPES[head_dim // 64 % len(DTYPES)]
+    k, v = random_kv(rng, batch=2, kv_heads=3, tokens=77, head_dim=head_dim, dtype=dtype)
+    qkv = oc.quantize_kv(k, v, config, lengths=[77, 40])
+    cpu_keys, cpu_values = qkv.dequantize()
+    module = Module(kernels.dequantize_variant(head_dim, config.bits, np.dtype(dtype).name, config.scale_dtype))
+    keys, values = (poisoned_like(cpu_keys.shape, dtype) for _ in range(2))
+    grid, block = dequantize_launch(2, 3, qkv.num_tokens)
+    rotate = config.rotation == "hadamard"
+    module.launch("dequantize_keys", grid, block, dequantize_keys_args(qkv, qkv.lengths, rotate, keys))
+    module.launch("dequantize_values", grid, block,
+                  dequantize_values_args(qkv, qkv.lengths, rotate and config.rotate_values, values))
+    np.testing.assert_array_equal(keys.view(np.uint8), cpu_keys.view(np.uint8))
+    np.testing.assert_array_equal(values.view(np.uint8), cpu_values.view(np.uint8))
+
+
+@pytest.mark.parametrize("size", [16, 32, 64, 128, 256])
+def test_hadamard_kernel_equals_cpu(rng, size):
+    dtype = DTYPES[size % 3]
+    x = rng.standard_normal((5, 7, size)).astype(dtype)
+    out = poisoned_like(x.shape, dtype)
+    rows = x.size // size
+    grid, block = hadamard_launch(rows, size)
+    Module(kernels.rotate_variant(size, np.dtype(dtype).name)).launch(
+        "hadamard_rows", grid, block, (x, out, np.int64(rows), hadamard_normalization(size)))
+    np.testing.assert_array_equal(out.view(np.uint8), oc.hadamard(x).view(np.uint8))

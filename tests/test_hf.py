@@ -126,6 +126,9 @@ def test_enabling_again_follows_the_new_config_alone():
         enable_oscar(model, "oscar-2")
     with pytest.raises(TypeError, match="the model's weights are torch.float64"):
         enable_oscar(model.double())
+    for capacity in (-100, 100.5, "100"):
+        with pytest.raises(ValueError, match="capacity must be a non-negative integer"):
+            enable_oscar(model.float(), capacity=capacity)
 
 
 def test_a_cache_used_without_oscar_attention_is_refused():

@@ -1,6 +1,8 @@
 """A/B of builds of oscar_cupy on one GPU: decode-step and write-path times of each build, in alternating rounds.
 
-A build is a wheel (``pip wheel --no-deps -w DIR <checkout>``), installed into a folder of its own. Every round runs
+A build is a wheel (``pip wheel --no-deps -w DIR <checkout>``) or a checkout (a folder with ``oscar_cupy/``,
+``raw_kernels/`` and ``adapters/``, mapped as installing maps them: nothing to build, so a candidate is a copy of the
+checkout with its change), installed into a folder of its own. Every round runs
 each build in a fresh process with its own kernel cache, in the order given, and times the cases; the summary is each
 case's mean over the rounds per build and its ratio to the first build. The machine's speed drifts by several percent
 from one start to the next and a little within a run, so compare only builds timed in the same run, alternating.
@@ -13,7 +15,7 @@ Cases (comma-separated):
 
 Writes ab.json (every timing, the summary, device, date, command) into --out.
 
-Run on a GPU: python bench/ab.py --builds base=ab/base,new=ab/new --cases decode:llama:oscar-2:8:32768 --rounds 3
+Run on a GPU: python bench/ab.py --builds base=.,new=ab/new --cases decode:llama:oscar-2:8:32768 --rounds 3
 """
 
 import argparse
@@ -22,6 +24,7 @@ import datetime
 import json
 import os
 import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,11 +63,17 @@ def child(tag: str, cases: list[str]) -> None:
 
 
 def install(tag: str, build: str, root: pathlib.Path) -> pathlib.Path:
-    """The build's wheel (a .whl file or a folder holding one) installed into a folder of its own."""
-    wheels = [pathlib.Path(build)] if build.endswith(".whl") else sorted(pathlib.Path(build).glob("oscar_cupy-*.whl"))
+    """The build (a .whl file, a folder holding one, or a checkout) installed into a folder of its own."""
+    target, source = root / f"site_{tag}", pathlib.Path(build)
+    if (source / "oscar_cupy").is_dir() and (source / "raw_kernels").is_dir():  # a checkout: map it (setup.cfg)
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source / "oscar_cupy", target / "oscar_cupy")
+        for folder in ("raw_kernels", "adapters"):
+            shutil.copytree(source / folder, target / "oscar_cupy" / folder)
+        return target
+    wheels = [source] if build.endswith(".whl") else sorted(source.glob("oscar_cupy-*.whl"))
     if len(wheels) != 1:
-        raise SystemExit(f"build {tag}: expected one oscar_cupy wheel at {build}, found {len(wheels)}")
-    target = root / f"site_{tag}"
+        raise SystemExit(f"build {tag}: expected a checkout or one oscar_cupy wheel at {build}, found {len(wheels)}")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                     "--upgrade", "--target", str(target), str(wheels[0])], check=True)
     return target

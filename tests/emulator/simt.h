@@ -10,14 +10,12 @@
 
 #include <ucontext.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <type_traits>
 #include <vector>
 
 namespace emu {

@@ -31,7 +31,7 @@ from decode_attention import LLAMA, SMOLLM2, WINDOW, random_packed, replayed, ti
 
 import oscar_cupy as oc
 import oscar_cupy.cuda_attention as cuda_attention
-from oscar_cupy import kernels, layout
+from oscar_cupy import decode_launch, kernels, layout
 
 HEADER = r"""
 __device__ unsigned long long timeline[8192 * 8];
@@ -94,14 +94,14 @@ def step(config, batch, tokens, shape, blocks=None):
                           for _ in range(2))
     packed_lengths = cupy.full(batch, packed_tokens, dtype=cupy.int64)
     window_lengths = cupy.full(batch, WINDOW, dtype=cupy.int64)
-    model = cuda_attention._packed_blocks
+    model = decode_launch.packed_blocks
     if blocks:
-        cuda_attention._packed_blocks = lambda *args: blocks
+        decode_launch.packed_blocks = lambda *args: blocks
     try:
         plan = cuda_attention.DecodePlan(config, batch=batch, q_heads=shape["q_heads"], kv_heads=kv_heads, q_len=1,
                                          head_dim=head_dim, dtype=bf16, max_packed=packed_tokens, max_window=WINDOW)
     finally:
-        cuda_attention._packed_blocks = model
+        decode_launch.packed_blocks = model
     return plan, lambda: plan.run(q, arrays, packed_lengths, window_k, window_v, window_lengths)
 
 

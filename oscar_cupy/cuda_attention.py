@@ -9,10 +9,10 @@ results exactly, rotate the packed part back, add the window part and write the 
 written to memory.
 
 :class:`DecodePlan` is the plan/run split: a plan fixes the shapes, chooses the packed block count from the GPU's
-resident blocks and the longest sequence (:func:`_packed_blocks`), and owns a reusable workspace and output, so
-:meth:`DecodePlan.run` allocates nothing, never synchronizes with the host and can be captured in a CUDA graph.
-Sequences longer than the plan's ``max_packed`` are still read whole (each unit's last segment runs to its sequence's
-end), only less evenly spread.
+resident blocks and the longest sequence (:func:`oscar_cupy.decode_launch.packed_blocks`), and owns a reusable
+workspace and output, so :meth:`DecodePlan.run` allocates nothing, never synchronizes with the host and can be
+captured in a CUDA graph. Sequences longer than the plan's ``max_packed`` are still read whole (each unit's last
+segment runs to its sequence's end), only less evenly spread.
 
 Precision: keys and values enter the tensor cores as exact integer codes; the query times the key scales, and the
 probabilities times the value scales, are rounded to float16 (bfloat16 when the scales are bfloat16 or float32);
@@ -30,14 +30,11 @@ import math
 import cupy
 import numpy as np
 
-from oscar_cupy import kernels, layout
+from oscar_cupy import decode_launch, kernels, layout
 from oscar_cupy.config import QuantConfig
 from oscar_cupy.cuda_backend import dtype_name, hadamard_normalization
+from oscar_cupy.decode_launch import MAX_PACKED_BLOCKS, STEP, THREADS, WARPS, WINDOW_COST, WINDOW_SPLIT, late_blocks
 
-THREADS = 128
-WARPS = THREADS // 32
-STEP = 32  # packed tokens per warp step
-WINDOW_SPLIT = 32  # window tokens per window split (WINDOW_SPLIT of decode.cu)
 MAX_ROW_TILES = 2
 FUNC_SHARED_SIZE_BYTES, FUNC_NUM_REGS = 1, 4  # CUfunction_attribute
 
@@ -106,12 +103,12 @@ class DecodePlan:
         self.units = batch * kv_heads * self.row_blocks  # (sequence, KV head, row block) triples
         self.unit_steps = -(-max_packed // STEP)
         self.window_splits = -(-max_window // WINDOW_SPLIT)
-        self.window_blocks = _window_blocks(self.units, self.window_splits)
-        self.packed_blocks = _packed_blocks(self.units, slots, sms, self.unit_steps, self.window_splits)
+        self.window_blocks = decode_launch.window_blocks(self.units, self.window_splits)
+        self.packed_blocks = decode_launch.packed_blocks(self.units, slots, sms, self.unit_steps, self.window_splits)
         if self.units * self.unit_steps + WARPS * WINDOW_COST * MAX_PACKED_BLOCKS >= 2**31:
             raise ValueError(f"{self.units * self.unit_steps} packed steps of 32 tokens in one launch: the kernels "
                              "count steps in 32 bits; split the batch")
-        self.late_blocks, self.late_steps = _late_blocks(
+        self.late_blocks, self.late_steps = late_blocks(
             self.packed_blocks, self.window_blocks, slots, self.units * self.unit_steps)
         # merge blocks: one per row of each unit where they fit on the GPU beside the others (their warps share the
         # row's loads), else one per unit (a warp per row)
@@ -218,80 +215,6 @@ def _resident_blocks(function_ptr: int, shared_bytes: int, device_id: int) -> tu
                  attributes["MaxThreadsPerMultiProcessor"] // THREADS)
     sms = attributes["MultiProcessorCount"]
     return max(1, per_sm) * sms, sms
-
-
-# relative durations of a decode step's parts, fitted to H100 measurements: a packed block costs BLOCK_COST per segment
-# (query prologue, block merge, partial result) plus STEP_COST per 32-token step of each of its warps, a window block
-# (a 32-token split per warp) WINDOW_COST, and a unit's merge COMBINE_COST per 32 partial rows (a round of loads)
-STEP_COST, BLOCK_COST, WINDOW_COST, COMBINE_COST = 1.0, 3.0, 4.0, 3.0
-MAX_PACKED_BLOCKS = 1023  # decode.cu's PackedPartition divides by the block count through a 32-bit reciprocal
-
-
-def _late_blocks(packed_blocks: int, window_blocks: int, slots: int, total_steps: int) -> tuple[int, int]:
-    """``(late_blocks, late_steps)``: the last ``late_blocks`` packed blocks take ``late_steps`` steps fewer than the
-    others (a window block's duration in steps of a block's four warps; fewer where a late block would be left no
-    step). The window blocks, after the packed ones in the grid, take the free slots, then those that free up first:
-    the late blocks' slots take the window blocks that find no free slot (one more each than the other packed blocks'
-    slots)."""
-    waiting = max(0, window_blocks - max(0, slots - packed_blocks))  # window blocks that wait for a packed block
-    late_blocks = waiting % packed_blocks if packed_blocks else 0
-    if not late_blocks:
-        return 0, 0
-    late_steps = min(round(WARPS * WINDOW_COST / STEP_COST), (total_steps - packed_blocks) // packed_blocks)
-    return (late_blocks, late_steps) if late_steps > 0 else (0, 0)
-
-
-def _window_blocks(units: int, window_splits: int) -> int:
-    """Window blocks of a launch: WARPS window splits (32 tokens, one per warp) per block, for each unit."""
-    return units * -(-window_splits // WARPS)
-
-
-@functools.lru_cache(maxsize=1024)  # the layers of a model plan the same shapes at every flush
-def _packed_blocks(units: int, slots: int, sms: int, steps: int, window_splits: int) -> int:
-    """Packed blocks of a launch (they share the ``units * steps`` packed steps evenly, decode.cu).
-
-    ``units`` (sequence, KV head, row block) triples of ``steps`` packed steps and ``window_splits`` 32-token window
-    splits each (in window blocks of WARPS splits); ``slots`` blocks fit on the GPU at once, on ``sms``
-    multiprocessors.
-
-    Where the whole launch fits on the GPU at once (small batches): whole blocks per unit, at most two per
-    multiprocessor (and leaving slots for the window and merge blocks), the fewest steps per warp, the fewest blocks
-    among equals. A step there is a chain of dependent latencies as long as its warps' steps, which a third block on a
-    multiprocessor lengthens (H100, forced counts in ``bench/results/decode_small_launch_blocks.json``: 4-11% faster
-    than the estimate below at batch 1 and 1-2 x 4k; SmolLM2 8 x 4k 3% slower than 336 blocks).
-
-    Otherwise the count with the shortest estimated step (the fewest among those within 1%), at most one per slot and
-    one per step (and below ``MAX_PACKED_BLOCKS``). Estimate: a packed block costs ``BLOCK_COST`` per unit it touches
-    plus ``STEP_COST`` per step of a warp, a window block ``WINDOW_COST``; the window blocks take the slots after the
-    packed blocks, the late blocks (:func:`_late_blocks`) ending with the others; then each unit's merge block adds its
-    segments and window splits (``COMBINE_COST`` per 32). More blocks shorten them but add segments and the merges'
-    work.
-    """
-    total = units * steps
-    if not total:
-        return 0
-    window_blocks = _window_blocks(units, window_splits)
-    best, best_time = 0, math.inf
-    for blocks in range(1, min(slots, total, MAX_PACKED_BLOCKS) + 1):
-        late_blocks, late_steps = _late_blocks(blocks, window_blocks, slots, total)
-        block_steps = -(-(total + late_steps * late_blocks) // blocks)  # of an early block
-        aligned = blocks % units == 0 and not late_blocks  # whole blocks per unit: one segment each
-        segments = 1 if aligned else -(-(block_steps - 1) // steps) + 1
-        duration = BLOCK_COST * segments + STEP_COST * (-(-block_steps // WARPS) + segments - 1)
-        waiting = max(0, window_blocks - max(0, slots - blocks))  # window blocks after the packed ones on every slot
-        launch = max(duration + WINDOW_COST * (waiting // blocks), WINDOW_COST if window_splits else 0)
-        unit_segments = blocks // units if aligned else -(-blocks // units) + 1
-        time = launch + COMBINE_COST * -(-(unit_segments + window_splits) // 32)
-        if time < best_time * 0.99:
-            best, best_time = blocks, time
-    if best + window_blocks + units > slots:
-        return best
-
-    def warp_steps(blocks):  # of a warp of an early block
-        return -(-(-(-total // blocks)) // WARPS)
-
-    whole = range(units, min(2 * sms, slots - window_blocks - units, total, MAX_PACKED_BLOCKS) + 1, units)
-    return min(whole, key=lambda blocks: (warp_steps(blocks), blocks), default=best)
 
 
 def _row_strides(x):

@@ -4,9 +4,11 @@
 ``tests/emulator/simt.h``, which runs every thread of a block as a fiber (see there for what is modelled), and launches
 its kernels with numpy arrays for device pointers: ``Module(variant).launch(name, grid, block, args, shared_mem)``,
 with ``args`` typed as the CUDA launches type them (numpy arrays, ``np.int32``, ``np.int64``, ``np.float32``,
-``np.uint64(0)`` for a null pointer). The source is changed in two places only: the float16/bfloat16 conversions,
-written in PTX, become their host equivalents, and ``extern __shared__`` arrays point at the block's shared memory.
-Modules that use other inline PTX (the decode kernel's tensor-core code) are refused.
+``np.uint64(0)`` for a null pointer). The source changes only where the host cannot take it as it is: the
+float16/bfloat16 conversions written in PTX, and the decode kernel's helpers written in PTX (``HOST_BODIES``, by
+function name: tensor-core products and ``movmatrix`` become warp-wide operations of ``simt.h``, ``cp.async`` a copy,
+``ex2.approx`` ``exp2f``), become host equivalents; ``__shared__`` variables and ``extern __shared__`` arrays live in
+the block's shared memory. A module with other inline PTX is refused.
 
 Needs g++ (C++17 with ``_Float16``); tests skip without it.
 """
@@ -31,6 +33,34 @@ CONVERSIONS = {  # PTX statement -> host statement
     'asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));': "h = emu::float_to_bfloat16(f);",
 }
 DYNAMIC_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?([\w ]+?) (\w+)\[\];")
+STATIC_SHARED = re.compile(r"(?<!extern )__shared__ (\w+) (\w+);")
+# decode.cu's helpers written in PTX, by function name: host bodies (simt.h's warp-wide operations where the PTX is one)
+F16_SCALES, F16_INPUT = "SCALE_DTYPE == DTYPE_F16", "IN_DTYPE == DTYPE_F16"
+HOST_BODIES = {
+    "pack_pair": f"return emu::pack(lo, hi, !({F16_SCALES}));",
+    "pack_in_pair": f"return emu::pack(lo, hi, !({F16_INPUT}));",
+    "mul_pair": f"return emu::multiply_pairs(a, b, !({F16_SCALES}));",
+    "code_pair": "return ((word >> (BITS * DIRECT * (pair / DIRECT))) & (PAIR_MASK << (BITS * (pair % DIRECT)))) | magic;",
+    "magic_register": "return MAGIC;",
+    "mma": f"const float c[4] = {{d[0], d[1], d[2], d[3]}}; emu::mma(d, c, {{a0, a1, a2, a3}}, {{b0, b1}}, "
+           f"!({F16_SCALES}));",
+    "mma_low": f"float full[4]; const float c[4] = {{d[0], d[1], 0.f, 0.f}}; "
+               f"emu::mma(full, c, {{a0, a1, a2, a3}}, {{b0, b1}}, !({F16_SCALES})); d[0] = full[0]; d[1] = full[1];",
+    "mma_in": f"const float c[4] = {{d[0], d[1], d[2], d[3]}}; emu::mma(d, c, {{a0, a1, a2, a3}}, {{b0, b1}}, "
+              f"!({F16_INPUT}));",
+    "fast_exp2": "const float r = exp2f(x); return std::fabs(r) < 1.17549435e-38f ? 0.f : r;",
+    "shared_address": "return u32(reinterpret_cast<const unsigned char*>(pointer) - emu::shared_window());",
+    "copy_async": "for (int k = 0; 4 * (lane + WARP * k) < words; ++k) "
+                  "std::memcpy(emu::shared_window() + target + 16 * WARP * k, source + offset + 16 * WARP * k, 16);",
+    "commit_copies": "",
+    "wait_copies": "",
+    "prefetch_l2": "",
+    "transpose_pairs": "return emu::movmatrix(x);",
+    "load_acquire": "return *reinterpret_cast<const volatile int*>(address);",
+    "scale_pair_at": "\n#if SCALE_DTYPE == DTYPE_F32\n    return pack_pair(__uint_as_float(raw[lo]), __uint_as_float(raw[hi]));\n"
+                     "#else\n    return emu::prmt(raw[lo / 2], raw[hi / 2], (lo % 2 ? 0x32u : 0x10u) | "
+                     "(hi % 2 ? 0x7600u : 0x5400u));\n#endif\n",
+}
 KERNEL = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(([^),]*)[^)]*\) )?(\w+)\((.*?)\)\s*\{', re.S)
 C_TYPES = {"int": ctypes.c_int, "i64": ctypes.c_longlong, "float": ctypes.c_float, "double": ctypes.c_double,
            "u32": ctypes.c_uint, "unsigned": ctypes.c_uint}
@@ -43,9 +73,26 @@ def host_source(text: str) -> str:
     """Kernel source for the host compiler."""
     for ptx, host in CONVERSIONS.items():
         text = text.replace(ptx, host)
+    for name, body in HOST_BODIES.items():
+        text = replace_body(text, name, body)
     if "asm(" in text or "asm volatile(" in text:
-        raise NotImplementedError("the emulator runs kernels without inline PTX beyond the float16/bfloat16 conversions")
+        raise NotImplementedError("the emulator runs kernels without inline PTX beyond what tests/emulator.py lists")
+    text = STATIC_SHARED.sub(r"\1& \2 = emu::static_shared<\1>(__COUNTER__);", text)
     return DYNAMIC_SHARED.sub(r"\1* \2 = reinterpret_cast<\1*>(emu::shared_memory());", text)
+
+
+def replace_body(text: str, name: str, body: str) -> str:
+    """``text`` with the body of the ``__device__`` function ``name`` (if defined there) replaced by ``body``."""
+    match = re.search(r"__device__ __forceinline__ [\w:]+ " + name + r"\(", text)
+    if not match:
+        return text
+    start = text.index("{", match.end())
+    depth, end = 0, start
+    for end in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[end], 0)
+        if depth == 0:
+            break
+    return text[: start + 1] + " " + body + " " + text[end:]
 
 
 def parameters(text: str) -> list[tuple[str, str]]:

@@ -1,0 +1,159 @@
+"""The decode kernel (``raw_kernels/decode.cu``), run on the CPU by ``tests/emulator.py``, against the CPU reference
+within the tolerance of the GPU tests (``tests/test_cuda_attention.py``): packed blocks sharing the units' steps
+(stream-K, late blocks), window blocks, merge blocks (one per row or per unit), with the block counts of the launch
+model (``oscar_cupy/decode_launch.py``) on a small emulated GPU. Its PTX helpers run as their host equivalents (the
+tensor-core products and ``movmatrix`` as warp-wide operations of ``tests/emulator/simt.h``). No GPU needed; skipped
+without g++.
+"""
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import random_kv
+from emulator import COMPILER, Module
+
+import oscar_cupy as oc
+from oscar_cupy import decode_launch, kernels
+from oscar_cupy.quantize_launch import hadamard_normalization
+
+pytestmark = pytest.mark.skipif(COMPILER is None, reason="no g++ to build the kernels' host version")
+BF16 = np.dtype(ml_dtypes.bfloat16)
+TOLERANCE = {np.dtype(np.float16): 4e-3, BF16: 1e-2}
+
+
+def strides(x: np.ndarray) -> list:
+    return [np.int64(stride // x.itemsize) for stride in x.strides[:3]]
+
+
+def emulated_decode(q, qkv, window_k=None, window_v=None, window_lengths=None, *, sms=4, slots=12,
+                    packed_blocks=None, source=None):
+    """``(out, lse)`` of the decode kernel for numpy arguments, launched as ``DecodePlan`` launches it on a GPU with
+    ``sms`` multiprocessors and ``slots`` resident blocks (``packed_blocks`` forces the packed block count;
+    ``source`` replaces decode.cu)."""
+    config = qkv.config
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads = qkv.kv_heads
+    rows = q_heads // kv_heads * q_len
+    row_tiles = 1 if rows <= 8 else 2
+    rows_per_block = 8 * row_tiles
+    row_blocks = -(-rows // rows_per_block)
+    units = batch * kv_heads * row_blocks
+    unit_steps = -(-int(qkv.lengths.max(initial=0)) // decode_launch.STEP)
+    max_window = 0 if window_k is None else int(np.max(window_lengths))
+    window_splits = -(-max_window // decode_launch.WINDOW_SPLIT)
+    window_blocks = decode_launch.window_blocks(units, window_splits)
+    if packed_blocks is None:
+        packed_blocks = decode_launch.packed_blocks(units, slots, sms, unit_steps, window_splits)
+    late_blocks, late_steps = decode_launch.late_blocks(packed_blocks, window_blocks, slots, units * unit_steps)
+    merge_rows = 1 if packed_blocks + window_blocks + units * min(rows_per_block, rows) <= slots else rows_per_block
+    merge_blocks = units * (min(rows_per_block, rows) if merge_rows == 1 else 1)
+    partial_rows = (packed_blocks + units * (1 + window_splits)) * rows_per_block
+    partial_o = np.full((partial_rows, head_dim), np.nan, np.float32)
+    partial_ml = np.full((partial_rows, 2), np.nan, np.float32)
+    unit_counts = np.zeros(units, np.int32)
+    out = np.full(q.shape, np.nan, q.dtype)
+    lse = np.full(q.shape[:3], np.nan, np.float32)
+    norms = qkv.norms
+    if window_k is None:
+        window_args = [np.uint64(0), np.int64(0), np.int64(0), np.int64(0)] * 2
+        window_lengths = np.uint64(0)
+    else:
+        window_args = [window_k, *strides(window_k), window_v, *strides(window_v)]
+        window_lengths = np.asarray(window_lengths, np.int64)
+    rotate = config.rotation == "hadamard"
+    scale = 1.0 / math.sqrt(head_dim)
+    args = (q, *strides(q), qkv.k_codes, qkv.k_scales, qkv.k_zeros, qkv.v_codes, qkv.v_scales, qkv.v_zeros,
+            norms if norms is not None else np.uint64(0), np.int32(0 if norms is None else norms.shape[1]),
+            np.asarray(qkv.lengths, np.int64), np.int32(qkv.capacity), *window_args, window_lengths,
+            np.int32(kv_heads), np.int32(q_len), np.int32(rows), np.int32(row_blocks), np.int32(units),
+            np.int32(config.key_group), np.int32(packed_blocks), np.int32(unit_steps), np.int32(late_blocks),
+            np.int32(late_steps), np.int32(window_splits), np.int32(merge_rows), np.int32(rotate),
+            np.int32(rotate and config.rotate_values), hadamard_normalization(head_dim),
+            np.float32(scale * math.log2(math.e)), partial_o, partial_ml, unit_counts, out, lse)
+    variant = kernels.decode_variant(head_dim, config.bits, q.dtype.name, config.scale_dtype, config.value_group,
+                                     row_tiles)
+    shared = kernels.decode_shared_bytes(head_dim, config.bits, config.scale_dtype, config.value_group, row_tiles)
+    Module(variant, source).launch("decode_attention", (packed_blocks + window_blocks + merge_blocks,),
+                           (decode_launch.THREADS,), args, shared)
+    assert not unit_counts.any()  # the merge blocks leave the counts at zero for the next launch
+    return out, lse
+
+
+def relative_error(result, reference) -> float:
+    result, reference = result.astype(np.float64), reference.astype(np.float64)
+    return float(np.linalg.norm(result - reference) / max(np.linalg.norm(reference), 1e-30))
+
+
+def case(rng, *, batch=2, kv_heads=2, group=4, q_len=1, head_dim=64, packed=(200, 97), window=(20, 7), dtype=BF16,
+         config=None):
+    config = config or oc.QuantConfig()
+    k, v = random_kv(rng, batch=batch, kv_heads=kv_heads, tokens=max(max(packed), 1), head_dim=head_dim, dtype=dtype)
+    qkv = oc.quantize_kv(k, v, config, lengths=list(packed))
+    q = (rng.standard_normal((batch, kv_heads * group, q_len, head_dim)) * 2).astype(dtype)
+    if window is None:
+        return q, qkv, None, None, None
+    window_k, window_v = random_kv(rng, batch=batch, kv_heads=kv_heads, tokens=max(window) + 3, head_dim=head_dim,
+                                   dtype=dtype)
+    return q, qkv, window_k, window_v, np.asarray(window, np.int64)
+
+
+def check(q, qkv, window_k=None, window_v=None, lengths=None, **launch):
+    """The emulated kernel's output and log-sum-exp against the CPU reference's, as the GPU tests check them."""
+    reference, reference_lse = oc.decode_attention(q, qkv, window_k, window_v, lengths=lengths, return_lse=True)
+    out, lse = emulated_decode(q, qkv, window_k, window_v, lengths, **launch)
+    assert out.dtype == q.dtype and np.isfinite(out.astype(np.float32)).all()
+    error = relative_error(out, reference)
+    assert error <= TOLERANCE[np.dtype(q.dtype)], error
+    seen = np.isfinite(reference_lse)
+    np.testing.assert_array_equal(np.isfinite(lse), seen)
+    np.testing.assert_allclose(lse[seen], reference_lse[seen], atol=2e-2, rtol=1e-3)
+    np.testing.assert_array_equal(out[~seen].astype(np.float32), 0)  # rows that see nothing are zero
+    return error
+
+
+@pytest.mark.parametrize("config", [oc.QuantConfig(), oc.QuantConfig(bits=4), oc.QuantConfig.preset("kivi-2"),
+                                    oc.QuantConfig(key_group=128, value_group=128)],
+                         ids=["oscar-2", "oscar-4", "kivi-2", "g128"])
+def test_decode_kernel_matches_the_cpu(rng, config):
+    check(*case(rng, config=config, head_dim=128))
+
+
+@pytest.mark.parametrize("head_dim, group, q_len", [(128, 4, 1), (64, 3, 1), (64, 8, 2), (128, 1, 1)])
+def test_shapes_gqa_and_query_lengths(rng, head_dim, group, q_len):
+    """GQA ratios 1 to 8, two row tiles (16 query rows of a KV head), query lengths above 1 (causal within the
+    window)."""
+    check(*case(rng, head_dim=head_dim, group=group, q_len=q_len, packed=(130, 64), window=(33, 9)))
+
+
+@pytest.mark.parametrize("packed_blocks", [1, 5, 7])
+def test_packed_blocks_share_the_steps_of_all_units(rng, packed_blocks):
+    """One packed block for everything, blocks straddling units, late blocks (as the launch model plans them on a
+    GPU of few slots), merge blocks per unit."""
+    check(*case(rng, batch=3, packed=(300, 33, 129), window=(20, 0, 40)), packed_blocks=packed_blocks, slots=8)
+
+
+def test_edges(rng):
+    """An empty window, an empty packed part, float16."""
+    check(*case(rng, window=None))
+    check(*case(rng, packed=(0, 0)))
+    check(*case(rng, dtype=np.float16, config=oc.QuantConfig()))
+
+
+def test_merge_blocks_per_row(rng):
+    """Where the whole launch fits on the GPU (an H100's 132 multiprocessors), a merge block per row of each unit."""
+    check(*case(rng, head_dim=128), sms=132, slots=396)
+    check(*case(rng, head_dim=64, group=8, q_len=2), sms=132, slots=396)
+
+
+def test_a_changed_kernel_is_caught(rng):
+    """The comparison sees the token norms left out of the packed logits: these tests can fail."""
+    source = kernels.read_source("decode.cu")
+    scaled = "logits[rt][t][e] = norm[t] * (st[rt][t / 2][2 * (t % 2) + e] + bias[rt][e]);"
+    assert source.count(scaled) == 1
+    changed = source.replace(scaled, "logits[rt][t][e] = st[rt][t / 2][2 * (t % 2) + e] + bias[rt][e];")
+    q, qkv, window_k, window_v, lengths = case(rng)
+    reference = oc.decode_attention(q, qkv, window_k, window_v, lengths=lengths)
+    out, _ = emulated_decode(q, qkv, window_k, window_v, lengths, source=changed)
+    assert relative_error(out, reference) > 10 * TOLERANCE[BF16]

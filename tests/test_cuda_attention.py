@@ -11,26 +11,16 @@ Skipped without cupy and a GPU; run on the device machine (see bench/results/cud
 import dataclasses
 import os
 
-import ml_dtypes
 import numpy as np
 import pytest
 from conftest import random_kv
+from decode_cases import BF16, TOLERANCE, make_case, relative_error, tolerance
 
 import oscar_cupy as oc
 
 from gpu import REAL_KV, cupy, poison_memory_pool, pytestmark  # noqa: F401  (pytestmark marks the module)
 
 from oscar_cupy.cuda_attention import DecodePlan  # noqa: E402  (needs cupy)
-BF16 = np.dtype(ml_dtypes.bfloat16)
-# relative error of the output (Frobenius norm over a whole case): the bound of the issue in bfloat16, tighter in
-# float16 with float16 scales (the tensor-core operands are float16 then; bfloat16 with bfloat16 or float32 scales)
-TOLERANCE = {np.dtype(np.float16): 4e-3, BF16: 1e-2}
-BF16_OPERANDS = 2e-2  # bfloat16 or float32 scales: bfloat16 operands (8 significant bits), for their range
-
-
-def tolerance(dtype, config) -> float:
-    return TOLERANCE[np.dtype(dtype)] if config.scale_dtype == "float16" else BF16_OPERANDS
-
 
 
 def to_gpu(qkv):
@@ -38,11 +28,6 @@ def to_gpu(qkv):
     arrays = {name: cupy.asarray(array) for name, array in qkv.arrays().items()}
     arrays.setdefault("norms", None)
     return dataclasses.replace(qkv, **arrays)
-
-
-def relative_error(result, reference) -> float:
-    result, reference = result.astype(np.float64), reference.astype(np.float64)
-    return float(np.linalg.norm(result - reference) / max(np.linalg.norm(reference), 1e-30))
 
 
 def check_case(q, qkv, window_k=None, window_v=None, lengths=None, scale=None):
@@ -64,22 +49,6 @@ def check_case(q, qkv, window_k=None, window_v=None, lengths=None, scale=None):
     np.testing.assert_allclose(lse[seen], reference_lse[seen], atol=lse_tolerance, rtol=1e-3)
     np.testing.assert_array_equal(result[~seen].astype(np.float32), 0)  # rows that see nothing are zero
     return error
-
-
-def make_case(rng, *, batch=2, kv_heads=2, group=4, q_len=1, head_dim=128, packed=(300, 129), window=(20, 7),
-              dtype=BF16, config=None):
-    """Random queries, a packed cache of `packed[b]` tokens and a window of `window[b]` tokens (capacity max + 3)."""
-    config = config or oc.QuantConfig()
-    tokens = max(max(packed), 1)
-    k, v = random_kv(rng, batch=batch, kv_heads=kv_heads, tokens=tokens, head_dim=head_dim, dtype=dtype)
-    qkv = oc.quantize_kv(k, v, config, lengths=list(packed))
-    q = (rng.standard_normal((batch, kv_heads * group, q_len, head_dim)) * 2).astype(dtype)
-    if window is None:
-        return q, qkv, None, None, None
-    window_k, window_v = random_kv(rng, batch=batch, kv_heads=kv_heads, tokens=max(window) + 3, head_dim=head_dim,
-                                   dtype=dtype)
-    window_k[:, :, max(window):] = np.nan  # padding of the window is never read
-    return q, qkv, window_k, window_v, list(window)
 
 
 CONFIGS = [

@@ -8,10 +8,9 @@ without g++.
 
 import math
 
-import ml_dtypes
 import numpy as np
 import pytest
-from conftest import random_kv
+from decode_cases import BF16, make_case, relative_error, tolerance
 from emulator import COMPILER, Module
 
 import oscar_cupy as oc
@@ -19,8 +18,6 @@ from oscar_cupy import decode_launch, kernels
 from oscar_cupy.quantize_launch import hadamard_normalization
 
 pytestmark = pytest.mark.skipif(COMPILER is None, reason="no g++ to build the kernels' host version")
-BF16 = np.dtype(ml_dtypes.bfloat16)
-TOLERANCE = {np.dtype(np.float16): 4e-3, BF16: 1e-2}
 
 
 def strides(x: np.ndarray) -> list:
@@ -81,22 +78,9 @@ def emulated_decode(q, qkv, window_k=None, window_v=None, window_lengths=None, *
     return out, lse
 
 
-def relative_error(result, reference) -> float:
-    result, reference = result.astype(np.float64), reference.astype(np.float64)
-    return float(np.linalg.norm(result - reference) / max(np.linalg.norm(reference), 1e-30))
-
-
-def case(rng, *, batch=2, kv_heads=2, group=4, q_len=1, head_dim=64, packed=(200, 97), window=(20, 7), dtype=BF16,
-         config=None):
-    config = config or oc.QuantConfig()
-    k, v = random_kv(rng, batch=batch, kv_heads=kv_heads, tokens=max(max(packed), 1), head_dim=head_dim, dtype=dtype)
-    qkv = oc.quantize_kv(k, v, config, lengths=list(packed))
-    q = (rng.standard_normal((batch, kv_heads * group, q_len, head_dim)) * 2).astype(dtype)
-    if window is None:
-        return q, qkv, None, None, None
-    window_k, window_v = random_kv(rng, batch=batch, kv_heads=kv_heads, tokens=max(window) + 3, head_dim=head_dim,
-                                   dtype=dtype)
-    return q, qkv, window_k, window_v, np.asarray(window, np.int64)
+def case(rng, **shape):
+    """A decode case (``decode_cases.make_case``) sized for the emulation: head_dim 64, 200 and 97 packed tokens."""
+    return make_case(rng, **{"head_dim": 64, "packed": (200, 97), **shape})
 
 
 def check(q, qkv, window_k=None, window_v=None, lengths=None, **launch):
@@ -105,7 +89,7 @@ def check(q, qkv, window_k=None, window_v=None, lengths=None, **launch):
     out, lse = emulated_decode(q, qkv, window_k, window_v, lengths, **launch)
     assert out.dtype == q.dtype and np.isfinite(out.astype(np.float32)).all()
     error = relative_error(out, reference)
-    assert error <= TOLERANCE[np.dtype(q.dtype)], error
+    assert error <= tolerance(q.dtype, qkv.config), error
     seen = np.isfinite(reference_lse)
     np.testing.assert_array_equal(np.isfinite(lse), seen)
     np.testing.assert_allclose(lse[seen], reference_lse[seen], atol=2e-2, rtol=1e-3)
@@ -156,4 +140,4 @@ def test_a_changed_kernel_is_caught(rng):
     q, qkv, window_k, window_v, lengths = case(rng)
     reference = oc.decode_attention(q, qkv, window_k, window_v, lengths=lengths)
     out, _ = emulated_decode(q, qkv, window_k, window_v, lengths, source=changed)
-    assert relative_error(out, reference) > 10 * TOLERANCE[BF16]
+    assert relative_error(out, reference) > 10 * tolerance(BF16, qkv.config)

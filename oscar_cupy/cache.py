@@ -229,7 +229,8 @@ class LayerCache:
         with self._stream_for(q):  # torch tensors convert on torch's stream (no cross-stream wait, capturable)
             q_array, kind = accept(q, "q")
             if getattr(q_array, "dtype", None) != self.dtype:
-                raise TypeError(f"q has dtype {q_array.dtype} but the cache's window holds {self.dtype}; they must match")
+                raise TypeError(f"q has dtype {q_array.dtype} but the cache's window holds {self.dtype}; "
+                                "they must match")
             if self._xp is np:
                 result = decode_attention(q_array, self.packed(), self._window_k[:, :, :window],
                                           self._window_v[:, :, :window], lengths=self.window_lengths, scale=scale,

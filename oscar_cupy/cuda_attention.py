@@ -93,9 +93,9 @@ class DecodePlan:
             allowed = cupy.cuda.Device(self.device_id).attributes["MaxSharedMemoryPerBlockOptin"]
             if self.shared_bytes + static_shared > allowed:
                 raise ValueError(
-                    f"decode attention at head_dim {head_dim} with {config.bits}-bit codes, {config.scale_dtype} scales "
-                    f"and value groups of {config.value_group} needs {self.shared_bytes + static_shared} bytes of "
-                    f"shared memory per block; this GPU allows {allowed}")
+                    f"decode attention at head_dim {head_dim} with {config.bits}-bit codes, {config.scale_dtype} "
+                    f"scales and value groups of {config.value_group} needs {self.shared_bytes + static_shared} bytes "
+                    f"of shared memory per block; this GPU allows {allowed}")
             cupy.cuda.driver.funcSetAttribute(
                 self._kernel.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, self.shared_bytes
             )

@@ -34,32 +34,40 @@ CONVERSIONS = {  # PTX statement -> host statement
 }
 DYNAMIC_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?([\w ]+?) (\w+)\[\];")
 STATIC_SHARED = re.compile(r"(?<!extern )__shared__ (\w+) (\w+);")
-# decode.cu's helpers written in PTX, by function name: host bodies (simt.h's warp-wide operations where the PTX is one)
+# decode.cu's helpers written in PTX, by function name: (a fragment of the kernel's body that must still be there, the
+# host body); simt.h's warp-wide operations where the PTX is one. A changed helper stops the build with its name.
 F16_SCALES, F16_INPUT = "SCALE_DTYPE == DTYPE_F16", "IN_DTYPE == DTYPE_F16"
 HOST_BODIES = {
-    "pack_pair": f"return emu::pack(lo, hi, !({F16_SCALES}));",
-    "pack_in_pair": f"return emu::pack(lo, hi, !({F16_INPUT}));",
-    "mul_pair": f"return emu::multiply_pairs(a, b, !({F16_SCALES}));",
-    "code_pair": "return ((word >> (BITS * DIRECT * (pair / DIRECT))) & (PAIR_MASK << (BITS * (pair % DIRECT)))) | magic;",
-    "magic_register": "return MAGIC;",
-    "mma": f"const float c[4] = {{d[0], d[1], d[2], d[3]}}; emu::mma(d, c, {{a0, a1, a2, a3}}, {{b0, b1}}, "
-           f"!({F16_SCALES}));",
-    "mma_low": f"float full[4]; const float c[4] = {{d[0], d[1], 0.f, 0.f}}; "
-               f"emu::mma(full, c, {{a0, a1, a2, a3}}, {{b0, b1}}, !({F16_SCALES})); d[0] = full[0]; d[1] = full[1];",
-    "mma_in": f"const float c[4] = {{d[0], d[1], d[2], d[3]}}; emu::mma(d, c, {{a0, a1, a2, a3}}, {{b0, b1}}, "
-              f"!({F16_INPUT}));",
-    "fast_exp2": "const float r = exp2f(x); return std::fabs(r) < 1.17549435e-38f ? 0.f : r;",
-    "shared_address": "return u32(reinterpret_cast<const unsigned char*>(pointer) - emu::shared_window());",
-    "copy_async": "for (int k = 0; 4 * (lane + WARP * k) < words; ++k) "
-                  "std::memcpy(emu::shared_window() + target + 16 * WARP * k, source + offset + 16 * WARP * k, 16);",
-    "commit_copies": "",
-    "wait_copies": "",
-    "prefetch_l2": "",
-    "transpose_pairs": "return emu::movmatrix(x);",
-    "load_acquire": "return *reinterpret_cast<const volatile int*>(address);",
-    "scale_pair_at": "\n#if SCALE_DTYPE == DTYPE_F32\n    return pack_pair(__uint_as_float(raw[lo]), __uint_as_float(raw[hi]));\n"
-                     "#else\n    return emu::prmt(raw[lo / 2], raw[hi / 2], (lo % 2 ? 0x32u : 0x10u) | "
-                     "(hi % 2 ? 0x7600u : 0x5400u));\n#endif\n",
+    "pack_pair": ('"cvt.rn." MMA_TYPE "x2.f32', f"return emu::pack(lo, hi, !({F16_SCALES}));"),
+    "pack_in_pair": ('"cvt.rn." IN_MMA_TYPE "x2.f32', f"return emu::pack(lo, hi, !({F16_INPUT}));"),
+    "mul_pair": ('"mul.rn.f16x2 %0, %1, %2;"', f"return emu::multiply_pairs(a, b, !({F16_SCALES}));"),
+    "code_pair": ('"r"(word >> (BITS * DIRECT * (pair / DIRECT))), "r"(PAIR_MASK << (BITS * (pair % DIRECT)))',
+                  "return ((word >> (BITS * DIRECT * (pair / DIRECT))) & (PAIR_MASK << (BITS * (pair % DIRECT)))) "
+                  "| magic;"),
+    "magic_register": ('"n"(MAGIC)', "return MAGIC;"),
+    "mma": ('"{%0,%1,%2,%3};"', f"const float c[4] = {{d[0], d[1], d[2], d[3]}}; "
+                                f"emu::mma(d, c, {{a0, a1, a2, a3}}, {{b0, b1}}, !({F16_SCALES}));"),
+    "mma_low": ('"{%0,%1,%10,%10};"', f"float full[4]; const float c[4] = {{d[0], d[1], 0.f, 0.f}}; "
+                                      f"emu::mma(full, c, {{a0, a1, a2, a3}}, {{b0, b1}}, !({F16_SCALES})); "
+                                      "d[0] = full[0]; d[1] = full[1];"),
+    "mma_in": ('IN_MMA_TYPE "." IN_MMA_TYPE', f"const float c[4] = {{d[0], d[1], d[2], d[3]}}; "
+                                              f"emu::mma(d, c, {{a0, a1, a2, a3}}, {{b0, b1}}, !({F16_INPUT}));"),
+    "fast_exp2": ('"ex2.approx.ftz.f32 %0, %1;"',
+                  "const float r = exp2f(x); return std::fabs(r) < 1.17549435e-38f ? 0.f : r;"),
+    "shared_address": ("cvta.to.shared.u64",
+                       "return u32(reinterpret_cast<const unsigned char*>(pointer) - emu::shared_window());"),
+    "copy_async": ('"l"(from + 16 * WARP * k)', "for (int k = 0; 4 * (lane + WARP * k) < words; ++k) std::memcpy("
+                                                "emu::shared_window() + target + 16 * WARP * k, "
+                                                "source + offset + 16 * WARP * k, 16);"),
+    "commit_copies": ("cp.async.commit_group", ""),
+    "wait_copies": ("cp.async.wait_group", ""),
+    "prefetch_l2": ("prefetch.global.L2", ""),
+    "transpose_pairs": ("movmatrix.sync.aligned.m8n8.trans.b16", "return emu::movmatrix(x);"),
+    "load_acquire": ("ld.acquire.gpu.global.s32", "return *reinterpret_cast<const volatile int*>(address);"),
+    "scale_pair_at": ("(lo % 2 ? 0x32u : 0x10u) | (hi % 2 ? 0x7600u : 0x5400u)",
+                      "\n#if SCALE_DTYPE == DTYPE_F32\n    return pack_pair(__uint_as_float(raw[lo]), "
+                      "__uint_as_float(raw[hi]));\n#else\n    return emu::prmt(raw[lo / 2], raw[hi / 2], "
+                      "(lo % 2 ? 0x32u : 0x10u) | (hi % 2 ? 0x7600u : 0x5400u));\n#endif\n"),
 }
 KERNEL = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(([^),]*)[^)]*\) )?(\w+)\((.*?)\)\s*\{', re.S)
 C_TYPES = {"int": ctypes.c_int, "i64": ctypes.c_longlong, "float": ctypes.c_float, "double": ctypes.c_double,
@@ -73,16 +81,17 @@ def host_source(text: str) -> str:
     """Kernel source for the host compiler."""
     for ptx, host in CONVERSIONS.items():
         text = text.replace(ptx, host)
-    for name, body in HOST_BODIES.items():
-        text = replace_body(text, name, body)
+    for name, (fragment, body) in HOST_BODIES.items():
+        text = replace_body(text, name, fragment, body)
     if "asm(" in text or "asm volatile(" in text:
         raise NotImplementedError("the emulator runs kernels without inline PTX beyond what tests/emulator.py lists")
     text = STATIC_SHARED.sub(r"\1& \2 = emu::static_shared<\1>(__COUNTER__);", text)
     return DYNAMIC_SHARED.sub(r"\1* \2 = reinterpret_cast<\1*>(emu::shared_memory());", text)
 
 
-def replace_body(text: str, name: str, body: str) -> str:
-    """``text`` with the body of the ``__device__`` function ``name`` (if defined there) replaced by ``body``."""
+def replace_body(text: str, name: str, fragment: str, body: str) -> str:
+    """``text`` with the body of the ``__device__`` function ``name`` (if defined there) replaced by ``body``; the old
+    body must contain ``fragment`` (a changed helper needs its host body checked)."""
     match = re.search(r"__device__ __forceinline__ [\w:]+ " + name + r"\(", text)
     if not match:
         return text
@@ -92,6 +101,8 @@ def replace_body(text: str, name: str, body: str) -> str:
         depth += {"{": 1, "}": -1}.get(text[end], 0)
         if depth == 0:
             break
+    if fragment not in " ".join(text[start:end].split()):
+        raise NotImplementedError(f"{name} changed in the kernel source: check its host body in tests/emulator.py")
     return text[: start + 1] + " " + body + " " + text[end:]
 
 

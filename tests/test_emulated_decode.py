@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 from decode_cases import BF16, make_case, relative_error, tolerance
-from emulator import COMPILER, Module
+from emulator import COMPILER, Module, host_source
 
 import oscar_cupy as oc
 from oscar_cupy import decode_launch, kernels
@@ -141,3 +141,5 @@ def test_a_changed_kernel_is_caught(rng):
     reference = oc.decode_attention(q, qkv, window_k, window_v, lengths=lengths)
     out, _ = emulated_decode(q, qkv, window_k, window_v, lengths, source=changed)
     assert relative_error(out, reference) > 10 * tolerance(BF16, qkv.config)
+    with pytest.raises(NotImplementedError, match="code_pair changed in the kernel source"):
+        host_source(source.replace("(pair / DIRECT)))", "(pair / 2)))"))  # a PTX helper's host body would be stale

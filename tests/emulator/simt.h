@@ -1,13 +1,14 @@
 // The CUDA execution model on the host, for running the kernels of raw_kernels/ on a CPU: tests/emulator.py compiles a
-// kernel module with g++ against this header and launches it through ctypes. Every thread of a block is a fiber (ucontext); the blocks of a grid run one after the
-// other. __syncthreads, __syncwarp and the warp shuffles are barriers over the block's or the warp's live threads,
-// which is exact for kernels whose warps are converged at every shuffle (as CUDA requires of full-mask shuffles).
-// Floating point is IEEE binary32/64 with round to nearest even, no contraction (g++ -ffp-contract=off) and no
-// flush to zero, as the kernels are compiled (--fmad=false); the float16/bfloat16 conversions round as cvt.rn does.
-// The tensor-core product (mma.sync m16n8k16 with 16-bit operands, float32 sums in k order) and movmatrix are warp-wide
-// operations on the lanes' fragments. Blocks run in grid order, so a block that waits for earlier blocks' results (the
-// decode kernel's merge blocks) finds them. Not modelled: blocks running at once, the memory model, the tensor cores'
-// own summation order (tests compare within tolerance where the kernel is not bit-exact).
+// kernel module with g++ against this header and launches it through ctypes. Every thread of a block is a fiber
+// (ucontext); the blocks of a grid run one after the other. __syncthreads, __syncwarp and the warp shuffles are
+// barriers over the block's or the warp's live threads, which is exact for kernels whose warps are converged at every
+// shuffle (as CUDA requires of full-mask shuffles). Floating point is IEEE binary32/64 with round to nearest even, no
+// contraction (g++ -ffp-contract=off) and no flush to zero, as the write path's kernels are compiled (--fmad=false);
+// the float16/bfloat16 conversions round as cvt.rn does. The tensor-core product (mma.sync m16n8k16 with 16-bit
+// operands, float32 sums in k order) and movmatrix are warp-wide operations on the lanes' fragments. Blocks run in grid
+// order, so a block that waits for earlier blocks' results (the decode kernel's merge blocks) finds them. Not modelled:
+// blocks running at once, the memory model, the tensor cores' own summation order (tests compare within tolerance where
+// the kernel is not bit-exact).
 #pragma once
 
 #include <ucontext.h>
@@ -305,7 +306,7 @@ inline uint32_t movmatrix(uint32_t x) {
 
 inline void __syncthreads() { emu::sync_block(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::sync_warp(); }
-template <typename T> T __shfl_xor_sync(unsigned, T value, int lane_mask) { return emu::shuffle(value, lane_mask, true); }
+template <typename T> T __shfl_xor_sync(unsigned, T value, int lanes) { return emu::shuffle(value, lanes, true); }
 template <typename T> T __shfl_sync(unsigned, T value, int lane) { return emu::shuffle(value, lane, false); }
 inline int atomicOr(int* address, int value) { const int old = *address; *address |= value; return old; }
 inline int atomicAdd(int* address, int value) { const int old = *address; *address += value; return old; }

@@ -80,8 +80,8 @@ class DecodePlan:
             raise ValueError(f"scale must be finite, got {scale}")
         rotate = isinstance(config.rotation, str) and config.rotation == "hadamard"
         # the kernel's rotate, unrotate, hadamard_normalization and scale_log2 arguments
-        self._rotation_args = (np.int32(rotate), np.int32(rotate and config.rotate_values),
-                               hadamard_normalization(head_dim), np.float32(self.scale * math.log2(math.e)))
+        self.rotation_args = (np.int32(rotate), np.int32(rotate and config.rotate_values),
+                              hadamard_normalization(head_dim), np.float32(self.scale * math.log2(math.e)))
 
         variant = kernels.decode_variant(head_dim, config.bits, name, config.scale_dtype, config.value_group,
                                          self.row_tiles)
@@ -145,30 +145,16 @@ class DecodePlan:
         ``lse`` is the plan's float32 ``(batch, q_heads, q_len)`` (natural log), overwritten by the next run.
         """
         out = self.out if out is None else out
-        config = self.config
-        arrays, capacity = _storage(packed, config, self.head_dim)
-        norms = arrays.get("norms")
+        arrays, capacity = _storage(packed, self.config, self.head_dim)
         q, q_strides = _row_strides(q)
-        if window_k is None:
-            window_args = [np.uint64(0), np.int64(0), np.int64(0), np.int64(0)] * 2
-            window_lengths = None
-        else:
+        window = None
+        if window_k is not None:
             window_k, k_strides = _row_strides(window_k)
             window_v, v_strides = _row_strides(window_v)
-            window_args = [window_k, *k_strides, window_v, *v_strides]
-        self._kernel(
-            (self.packed_blocks + self.window_blocks + self.merge_blocks,), (THREADS,),
-            (q, *q_strides, arrays["k_codes"], arrays["k_scales"], arrays["k_zeros"], arrays["v_codes"],
-             arrays["v_scales"], arrays["v_zeros"], norms if norms is not None else np.uint64(0),
-             np.int32(0 if norms is None else norms.shape[1]), packed_lengths, np.int32(capacity),
-             *window_args, window_lengths if window_lengths is not None else np.uint64(0),
-             np.int32(self.kv_heads), np.int32(self.q_len), np.int32(self.rows), np.int32(self.row_blocks),
-             np.int32(self.units), np.int32(config.key_group), np.int32(self.packed_blocks),
-             np.int32(self.unit_steps), np.int32(self.late_blocks), np.int32(self.late_steps),
-             np.int32(self.window_splits), np.int32(self.merge_rows), *self._rotation_args, self.partial_o,
-             self.partial_ml, self.unit_counts, out, self.lse),
-            shared_mem=self.shared_bytes,
-        )
+            window = (window_k, k_strides, window_v, v_strides, window_lengths)
+        self._kernel((self.packed_blocks + self.window_blocks + self.merge_blocks,), (THREADS,),
+                     decode_launch.kernel_args(self, q, q_strides, arrays, capacity, packed_lengths, window, out),
+                     shared_mem=self.shared_bytes)
         return out, self.lse
 
 

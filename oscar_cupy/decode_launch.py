@@ -1,12 +1,15 @@
 """The launch model of the decode kernel (``raw_kernels/decode.cu``), with no GPU: how many packed blocks share a
-launch's packed steps, which of them are late (shorter), and how many window blocks it has. Pure arithmetic on the
-launch's shape and the GPU's resident block slots, used by :class:`oscar_cupy.cuda_attention.DecodePlan`.
+launch's packed steps, which of them are late (shorter), and how many window blocks it has (pure arithmetic on the
+launch's shape and the GPU's resident block slots), and the kernel's arguments in its order (:func:`kernel_args`),
+used by :class:`oscar_cupy.cuda_attention.DecodePlan` and by the tests that run the kernel on the CPU.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+
+import numpy as np
 
 THREADS = 128  # threads of a decode block (THREADS of decode.cu)
 WARPS = THREADS // 32
@@ -85,3 +88,31 @@ def packed_blocks(units: int, slots: int, sms: int, steps: int, window_splits: i
 
     whole = range(units, min(2 * sms, slots - windows - units, total, MAX_PACKED_BLOCKS) + 1, units)
     return min(whole, key=lambda blocks: (warp_steps(blocks), blocks), default=best)
+
+
+def kernel_args(plan, q, q_strides, arrays: dict, capacity: int, packed_lengths, window, out) -> tuple:
+    """The arguments of ``decode_attention``, in its order.
+
+    ``plan``: the launch (a :class:`oscar_cupy.cuda_attention.DecodePlan`, or anything with its attributes
+    ``config``, ``kv_heads``, ``q_len``, ``rows``, ``row_blocks``, ``units``, ``packed_blocks``, ``unit_steps``,
+    ``late_blocks``, ``late_steps``, ``window_splits``, ``merge_rows``, ``rotation_args``, ``partial_o``,
+    ``partial_ml``, ``unit_counts`` and ``lse``); ``q`` ``(batch, q_heads, q_len, head_dim)`` with element
+    ``q_strides`` of its first three axes; ``arrays`` the packed arrays (``oscar_cupy.layout.array_specs`` names,
+    ``norms`` optional) laid out in a storage of ``capacity`` tokens; ``packed_lengths`` int64 ``(batch,)``;
+    ``window`` ``(window_k, k_strides, window_v, v_strides, window_lengths)`` or ``None``; ``out`` like ``q``.
+    Device arrays (or numpy arrays for the CPU emulation)."""
+    norms = arrays.get("norms")
+    if window is None:
+        window_args, window_lengths = [np.uint64(0), np.int64(0), np.int64(0), np.int64(0)] * 2, None
+    else:
+        window_k, k_strides, window_v, v_strides, window_lengths = window
+        window_args = [window_k, *k_strides, window_v, *v_strides]
+    return (q, *q_strides, arrays["k_codes"], arrays["k_scales"], arrays["k_zeros"], arrays["v_codes"],
+            arrays["v_scales"], arrays["v_zeros"], norms if norms is not None else np.uint64(0),
+            np.int32(0 if norms is None else norms.shape[1]), packed_lengths, np.int32(capacity),
+            *window_args, window_lengths if window_lengths is not None else np.uint64(0),
+            np.int32(plan.kv_heads), np.int32(plan.q_len), np.int32(plan.rows), np.int32(plan.row_blocks),
+            np.int32(plan.units), np.int32(plan.config.key_group), np.int32(plan.packed_blocks),
+            np.int32(plan.unit_steps), np.int32(plan.late_blocks), np.int32(plan.late_steps),
+            np.int32(plan.window_splits), np.int32(plan.merge_rows), *plan.rotation_args, plan.partial_o,
+            plan.partial_ml, plan.unit_counts, out, plan.lse)

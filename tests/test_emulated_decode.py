@@ -7,6 +7,7 @@ without g++.
 """
 
 import math
+import types
 
 import numpy as np
 import pytest
@@ -27,8 +28,8 @@ def strides(x: np.ndarray) -> list:
 def emulated_decode(q, qkv, window_k=None, window_v=None, window_lengths=None, *, sms=4, slots=12,
                     packed_blocks=None, source=None):
     """``(out, lse)`` of the decode kernel for numpy arguments, launched as ``DecodePlan`` launches it on a GPU with
-    ``sms`` multiprocessors and ``slots`` resident blocks (``packed_blocks`` forces the packed block count;
-    ``source`` replaces decode.cu)."""
+    ``sms`` multiprocessors and ``slots`` resident blocks (the block counts of ``decode_launch``, the arguments of
+    ``decode_launch.kernel_args``; ``packed_blocks`` forces the packed block count, ``source`` replaces decode.cu)."""
     config = qkv.config
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = qkv.kv_heads
@@ -47,35 +48,28 @@ def emulated_decode(q, qkv, window_k=None, window_v=None, window_lengths=None, *
     merge_rows = 1 if packed_blocks + window_blocks + units * min(rows_per_block, rows) <= slots else rows_per_block
     merge_blocks = units * (min(rows_per_block, rows) if merge_rows == 1 else 1)
     partial_rows = (packed_blocks + units * (1 + window_splits)) * rows_per_block
-    partial_o = np.full((partial_rows, head_dim), np.nan, np.float32)
-    partial_ml = np.full((partial_rows, 2), np.nan, np.float32)
-    unit_counts = np.zeros(units, np.int32)
-    out = np.full(q.shape, np.nan, q.dtype)
-    lse = np.full(q.shape[:3], np.nan, np.float32)
-    norms = qkv.norms
-    if window_k is None:
-        window_args = [np.uint64(0), np.int64(0), np.int64(0), np.int64(0)] * 2
-        window_lengths = np.uint64(0)
-    else:
-        window_args = [window_k, *strides(window_k), window_v, *strides(window_v)]
-        window_lengths = np.asarray(window_lengths, np.int64)
     rotate = config.rotation == "hadamard"
-    scale = 1.0 / math.sqrt(head_dim)
-    args = (q, *strides(q), qkv.k_codes, qkv.k_scales, qkv.k_zeros, qkv.v_codes, qkv.v_scales, qkv.v_zeros,
-            norms if norms is not None else np.uint64(0), np.int32(0 if norms is None else norms.shape[1]),
-            np.asarray(qkv.lengths, np.int64), np.int32(qkv.capacity), *window_args, window_lengths,
-            np.int32(kv_heads), np.int32(q_len), np.int32(rows), np.int32(row_blocks), np.int32(units),
-            np.int32(config.key_group), np.int32(packed_blocks), np.int32(unit_steps), np.int32(late_blocks),
-            np.int32(late_steps), np.int32(window_splits), np.int32(merge_rows), np.int32(rotate),
-            np.int32(rotate and config.rotate_values), hadamard_normalization(head_dim),
-            np.float32(scale * math.log2(math.e)), partial_o, partial_ml, unit_counts, out, lse)
+    plan = types.SimpleNamespace(  # the attributes of a DecodePlan that kernel_args reads
+        config=config, kv_heads=kv_heads, q_len=q_len, rows=rows, row_blocks=row_blocks, units=units,
+        packed_blocks=packed_blocks, unit_steps=unit_steps, late_blocks=late_blocks, late_steps=late_steps,
+        window_splits=window_splits, merge_rows=merge_rows,
+        rotation_args=(np.int32(rotate), np.int32(rotate and config.rotate_values), hadamard_normalization(head_dim),
+                       np.float32(1.0 / math.sqrt(head_dim) * math.log2(math.e))),
+        partial_o=np.full((partial_rows, head_dim), np.nan, np.float32),
+        partial_ml=np.full((partial_rows, 2), np.nan, np.float32), unit_counts=np.zeros(units, np.int32),
+        lse=np.full(q.shape[:3], np.nan, np.float32))
+    out = np.full(q.shape, np.nan, q.dtype)
+    window = None if window_k is None else (window_k, strides(window_k), window_v, strides(window_v),
+                                            np.asarray(window_lengths, np.int64))
+    args = decode_launch.kernel_args(plan, q, strides(q), qkv.arrays(), qkv.capacity,
+                                     np.asarray(qkv.lengths, np.int64), window, out)
     variant = kernels.decode_variant(head_dim, config.bits, q.dtype.name, config.scale_dtype, config.value_group,
                                      row_tiles)
     shared = kernels.decode_shared_bytes(head_dim, config.bits, config.scale_dtype, config.value_group, row_tiles)
     Module(variant, source).launch("decode_attention", (packed_blocks + window_blocks + merge_blocks,),
-                           (decode_launch.THREADS,), args, shared)
-    assert not unit_counts.any()  # the merge blocks leave the counts at zero for the next launch
-    return out, lse
+                                   (decode_launch.THREADS,), args, shared)
+    assert not plan.unit_counts.any()  # the merge blocks leave the counts at zero for the next launch
+    return out, plan.lse
 
 
 def case(rng, **shape):

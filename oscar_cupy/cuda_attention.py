@@ -33,9 +33,8 @@ import numpy as np
 from oscar_cupy import decode_launch, kernels, layout
 from oscar_cupy.config import QuantConfig
 from oscar_cupy.cuda_backend import dtype_name, hadamard_normalization
-from oscar_cupy.decode_launch import MAX_PACKED_BLOCKS, STEP, THREADS, WARPS, WINDOW_COST, WINDOW_SPLIT, late_blocks
+from oscar_cupy.decode_launch import THREADS, WINDOW_SPLIT
 
-MAX_ROW_TILES = 2
 FUNC_SHARED_SIZE_BYTES, FUNC_NUM_REGS = 1, 4  # CUfunction_attribute
 
 
@@ -70,10 +69,7 @@ class DecodePlan:
         self.config, self.dtype = config, np.dtype(dtype)
         self.max_packed, self.max_window = max_packed, max_window
         self.batch, self.q_heads, self.kv_heads, self.q_len, self.head_dim = batch, q_heads, kv_heads, q_len, head_dim
-        self.rows = q_heads // kv_heads * q_len  # query rows per KV head
-        self.row_tiles = 1 if self.rows <= 8 else MAX_ROW_TILES
-        rows_per_block = 8 * self.row_tiles
-        self.row_blocks = -(-self.rows // rows_per_block)
+        self.row_tiles = decode_launch.row_tiles(q_heads // kv_heads * q_len)
         self.device_id = cupy.cuda.Device().id if device_id is None else device_id
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
         if not math.isfinite(self.scale):
@@ -100,24 +96,15 @@ class DecodePlan:
                 self._kernel.ptr, cupy.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, self.shared_bytes
             )
             slots, sms = _resident_blocks(self._kernel.ptr, self.shared_bytes, self.device_id)
-        self.units = batch * kv_heads * self.row_blocks  # (sequence, KV head, row block) triples
-        self.unit_steps = -(-max_packed // STEP)
-        self.window_splits = -(-max_window // WINDOW_SPLIT)
-        self.window_blocks = decode_launch.window_blocks(self.units, self.window_splits)
-        self.packed_blocks = decode_launch.packed_blocks(self.units, slots, sms, self.unit_steps, self.window_splits)
-        if self.units * self.unit_steps + WARPS * WINDOW_COST * MAX_PACKED_BLOCKS >= 2**31:
-            raise ValueError(f"{self.units * self.unit_steps} packed steps of 32 tokens in one launch: the kernels "
-                             "count steps in 32 bits; split the batch")
-        self.late_blocks, self.late_steps = late_blocks(
-            self.packed_blocks, self.window_blocks, slots, self.units * self.unit_steps)
-        # merge blocks: one per row of each unit where they fit on the GPU beside the others (their warps share the
-        # row's loads), else one per unit (a warp per row)
-        self.merge_rows = 1
-        if self.packed_blocks + self.window_blocks + self.merge_blocks > slots:
-            self.merge_rows = rows_per_block
+        launch = decode_launch.geometry(batch, q_heads, kv_heads, q_len, max_packed, max_window, slots, sms)
+        # the launch's shape as the plan's attributes (kernel_args reads them; tests force some of them)
+        self.rows, self.row_blocks, self.units, self.unit_steps = (launch.rows, launch.row_blocks, launch.units,
+                                                                   launch.unit_steps)
+        self.window_splits, self.window_blocks, self.packed_blocks = (launch.window_splits, launch.window_blocks,
+                                                                      launch.packed_blocks)
+        self.late_blocks, self.late_steps, self.merge_rows = launch.late_blocks, launch.late_steps, launch.merge_rows
         with cupy.cuda.Device(self.device_id):
-            # partial rows: packed segment (block i, unit u) at index i + u, then the window splits of each unit
-            partial_rows = (self.packed_blocks + self.units * (1 + self.window_splits)) * rows_per_block
+            partial_rows = launch.partial_rows
             self.partial_o = cupy.empty((partial_rows, head_dim), dtype=cupy.float32)
             self.partial_ml = cupy.empty((partial_rows, 2), dtype=cupy.float32)
             self.unit_counts = cupy.zeros(self.units, dtype=cupy.int32)  # zero between launches (decode.cu)

@@ -6,6 +6,7 @@ used by :class:`oscar_cupy.cuda_attention.DecodePlan` and by the tests that run 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -15,6 +16,7 @@ THREADS = 128  # threads of a decode block (THREADS of decode.cu)
 WARPS = THREADS // 32
 STEP = 32  # packed tokens per warp step
 WINDOW_SPLIT = 32  # window tokens per window split (WINDOW_SPLIT of decode.cu)
+MAX_ROW_TILES = 2  # ROW_TILES of decode.cu: 8 query rows of a KV head per tile
 
 # relative durations of a decode step's parts, fitted to H100 measurements: a packed block costs BLOCK_COST per segment
 # (query prologue, block merge, partial result) plus STEP_COST per 32-token step of each of its warps, a window block
@@ -89,6 +91,64 @@ def packed_blocks(units: int, slots: int, sms: int, steps: int, window_splits: i
     whole = range(units, min(2 * sms, slots - windows - units, total, MAX_PACKED_BLOCKS) + 1, units)
     return min(whole, key=lambda blocks: (warp_steps(blocks), blocks), default=best)
 
+
+def row_tiles(rows: int) -> int:
+    """The kernel variant's ROW_TILES for ``rows`` query rows per KV head (8 per tile, at most 16 per block)."""
+    return 1 if rows <= 8 else MAX_ROW_TILES
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """A decode launch's shape: ``rows`` query rows per KV head in ``row_blocks`` blocks of ``8 * row_tiles``;
+    ``units`` (sequence, KV head, row block) triples of ``unit_steps`` packed 32-token steps and ``window_splits``
+    32-token window splits; ``packed_blocks`` (the last ``late_blocks`` of them ``late_steps`` shorter),
+    ``window_blocks``, and merge blocks one per row of each unit (``merge_rows`` 1) or one per unit."""
+
+    rows: int
+    row_tiles: int
+    row_blocks: int
+    units: int
+    unit_steps: int
+    window_splits: int
+    window_blocks: int
+    packed_blocks: int
+    late_blocks: int
+    late_steps: int
+    merge_rows: int
+
+    @property
+    def merge_blocks(self) -> int:
+        return self.units * (min(8 * self.row_tiles, self.rows) if self.merge_rows == 1 else 1)
+
+    @property
+    def partial_rows(self) -> int:
+        """Rows of the partial-result workspace: packed segment (block i, unit u) at index i + u, then each unit's
+        window splits."""
+        return (self.packed_blocks + self.units * (1 + self.window_splits)) * 8 * self.row_tiles
+
+
+def geometry(batch: int, q_heads: int, kv_heads: int, q_len: int, max_packed: int, max_window: int, slots: int,
+             sms: int) -> Geometry:
+    """The launch for ``max_packed`` packed and ``max_window`` window tokens of the longest sequence, on a GPU holding
+    ``slots`` blocks of the kernel at once on ``sms`` multiprocessors. Raises ``ValueError`` for more packed steps
+    than the kernel counts in 32 bits."""
+    rows = q_heads // kv_heads * q_len
+    tiles = row_tiles(rows)
+    row_blocks = -(-rows // (8 * tiles))
+    units = batch * kv_heads * row_blocks
+    unit_steps = -(-max_packed // STEP)
+    window_splits = -(-max_window // WINDOW_SPLIT)
+    if units * unit_steps + WARPS * WINDOW_COST * MAX_PACKED_BLOCKS >= 2**31:
+        raise ValueError(f"{units * unit_steps} packed steps of 32 tokens in one launch: the kernels count steps in "
+                         "32 bits; split the batch")
+    windows = window_blocks(units, window_splits)
+    packed = packed_blocks(units, slots, sms, unit_steps, window_splits)
+    late, late_steps = late_blocks(packed, windows, slots, units * unit_steps)
+    # merge blocks: one per row of each unit where they fit on the GPU beside the others (their warps share the row's
+    # loads), else one per unit (a warp per row)
+    merge_rows = 1 if packed + windows + units * min(8 * tiles, rows) <= slots else 8 * tiles
+    return Geometry(rows, tiles, row_blocks, units, unit_steps, window_splits, windows, packed, late, late_steps,
+                    merge_rows)
 
 def kernel_args(plan, q, q_strides, arrays: dict, capacity: int, packed_lengths, window, out) -> tuple:
     """The arguments of ``decode_attention``, in its order.

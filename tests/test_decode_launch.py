@@ -1,7 +1,9 @@
 """The decode kernel's launch model (``oscar_cupy/decode_launch.py``): pure arithmetic, tested without a GPU; the
 launches it plans are tested on the GPU in ``test_cuda_attention.py``."""
 
-from oscar_cupy.decode_launch import late_blocks, packed_blocks
+import pytest
+
+from oscar_cupy.decode_launch import geometry, late_blocks, packed_blocks
 
 
 def test_packed_block_model():
@@ -33,3 +35,21 @@ def test_packed_block_model():
     # never so few steps that a late block would have none
     late, late_steps = late_blocks(396, 64, 396, 800)
     assert late == 0 or (800 + late_steps * late) // 396 - late_steps >= 1
+
+
+def test_geometry_of_the_benchmark_shapes():
+    """The launches of the H100 benchmark (396 slots on 132 multiprocessors): Llama-3.1-8B's 32 query / 8 KV heads at
+    1 x 4k fit at once (merge blocks per row), 64 x 32k does not (merge blocks per unit, late blocks); SmolLM2's 9 / 3
+    heads at 1 x 4k; 16 query rows per KV head take two row tiles."""
+    small = geometry(1, 32, 8, 1, 4096 - 128, 128, 396, 132)
+    assert (small.units, small.unit_steps, small.packed_blocks, small.window_blocks, small.merge_rows) == \
+        (8, 124, 248, 8, 1)
+    assert small.merge_blocks == 32 and small.partial_rows == (248 + 8 * 5) * 8
+    large = geometry(64, 32, 8, 1, 32768 - 128, 128, 396, 132)
+    assert (large.packed_blocks, large.late_blocks, large.late_steps, large.merge_rows) == (395, 116, 16, 8)
+    assert large.merge_blocks == 512
+    assert geometry(1, 9, 3, 1, 4096 - 128, 128, 396, 132).packed_blocks == 93
+    tiles = geometry(2, 32, 2, 1, 1000, 0, 396, 132)  # 16 rows per KV head
+    assert (tiles.row_tiles, tiles.row_blocks, tiles.window_blocks) == (2, 1, 0)
+    with pytest.raises(ValueError, match="count steps in 32 bits"):
+        geometry(1024, 64, 64, 1, 2**20, 0, 396, 132)

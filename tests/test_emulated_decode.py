@@ -6,6 +6,7 @@ tensor-core products and ``movmatrix`` as warp-wide operations of ``tests/emulat
 without g++.
 """
 
+import dataclasses
 import math
 import types
 
@@ -28,35 +29,23 @@ def strides(x: np.ndarray) -> list:
 def emulated_decode(q, qkv, window_k=None, window_v=None, window_lengths=None, *, sms=4, slots=12,
                     packed_blocks=None, source=None):
     """``(out, lse)`` of the decode kernel for numpy arguments, launched as ``DecodePlan`` launches it on a GPU with
-    ``sms`` multiprocessors and ``slots`` resident blocks (the block counts of ``decode_launch``, the arguments of
-    ``decode_launch.kernel_args``; ``packed_blocks`` forces the packed block count, ``source`` replaces decode.cu)."""
+    ``sms`` multiprocessors and ``slots`` resident blocks (``decode_launch.geometry`` and ``kernel_args``;
+    ``packed_blocks`` forces the packed block count, ``source`` replaces decode.cu)."""
     config = qkv.config
     batch, q_heads, q_len, head_dim = q.shape
-    kv_heads = qkv.kv_heads
-    rows = q_heads // kv_heads * q_len
-    row_tiles = 1 if rows <= 8 else 2
-    rows_per_block = 8 * row_tiles
-    row_blocks = -(-rows // rows_per_block)
-    units = batch * kv_heads * row_blocks
-    unit_steps = -(-int(qkv.lengths.max(initial=0)) // decode_launch.STEP)
     max_window = 0 if window_k is None else int(np.max(window_lengths))
-    window_splits = -(-max_window // decode_launch.WINDOW_SPLIT)
-    window_blocks = decode_launch.window_blocks(units, window_splits)
-    if packed_blocks is None:
-        packed_blocks = decode_launch.packed_blocks(units, slots, sms, unit_steps, window_splits)
-    late_blocks, late_steps = decode_launch.late_blocks(packed_blocks, window_blocks, slots, units * unit_steps)
-    merge_rows = 1 if packed_blocks + window_blocks + units * min(rows_per_block, rows) <= slots else rows_per_block
-    merge_blocks = units * (min(rows_per_block, rows) if merge_rows == 1 else 1)
-    partial_rows = (packed_blocks + units * (1 + window_splits)) * rows_per_block
+    with pytest.MonkeyPatch.context() as patch:
+        if packed_blocks is not None:  # forced, as bench/decode_timeline.py forces it
+            patch.setattr(decode_launch, "packed_blocks", lambda *shape: packed_blocks)
+        launch = decode_launch.geometry(batch, q_heads, qkv.kv_heads, q_len, int(qkv.lengths.max(initial=0)),
+                                        max_window, slots, sms)
     rotate = config.rotation == "hadamard"
-    plan = types.SimpleNamespace(  # the attributes of a DecodePlan that kernel_args reads
-        config=config, kv_heads=kv_heads, q_len=q_len, rows=rows, row_blocks=row_blocks, units=units,
-        packed_blocks=packed_blocks, unit_steps=unit_steps, late_blocks=late_blocks, late_steps=late_steps,
-        window_splits=window_splits, merge_rows=merge_rows,
+    plan = types.SimpleNamespace(  # what kernel_args reads of a DecodePlan
+        config=config, kv_heads=qkv.kv_heads, q_len=q_len, **dataclasses.asdict(launch),
         rotation_args=(np.int32(rotate), np.int32(rotate and config.rotate_values), hadamard_normalization(head_dim),
                        np.float32(1.0 / math.sqrt(head_dim) * math.log2(math.e))),
-        partial_o=np.full((partial_rows, head_dim), np.nan, np.float32),
-        partial_ml=np.full((partial_rows, 2), np.nan, np.float32), unit_counts=np.zeros(units, np.int32),
+        partial_o=np.full((launch.partial_rows, head_dim), np.nan, np.float32),
+        partial_ml=np.full((launch.partial_rows, 2), np.nan, np.float32), unit_counts=np.zeros(launch.units, np.int32),
         lse=np.full(q.shape[:3], np.nan, np.float32))
     out = np.full(q.shape, np.nan, q.dtype)
     window = None if window_k is None else (window_k, strides(window_k), window_v, strides(window_v),
@@ -64,10 +53,11 @@ def emulated_decode(q, qkv, window_k=None, window_v=None, window_lengths=None, *
     args = decode_launch.kernel_args(plan, q, strides(q), qkv.arrays(), qkv.capacity,
                                      np.asarray(qkv.lengths, np.int64), window, out)
     variant = kernels.decode_variant(head_dim, config.bits, q.dtype.name, config.scale_dtype, config.value_group,
-                                     row_tiles)
-    shared = kernels.decode_shared_bytes(head_dim, config.bits, config.scale_dtype, config.value_group, row_tiles)
-    Module(variant, source).launch("decode_attention", (packed_blocks + window_blocks + merge_blocks,),
-                                   (decode_launch.THREADS,), args, shared)
+                                     launch.row_tiles)
+    shared = kernels.decode_shared_bytes(head_dim, config.bits, config.scale_dtype, config.value_group,
+                                         launch.row_tiles)
+    grid = launch.packed_blocks + launch.window_blocks + launch.merge_blocks
+    Module(variant, source).launch("decode_attention", (grid,), (decode_launch.THREADS,), args, shared)
     assert not plan.unit_counts.any()  # the merge blocks leave the counts at zero for the next launch
     return out, plan.lse
 

@@ -29,10 +29,10 @@ from oscar_cupy.quantize_launch import (
     quantize_values_args,
     quantize_values_launch,
     uses_hadamard,
+    window_append_launch,
 )
 from oscar_cupy.scaling import NORM_OVERFLOW
 
-THREADS = 256  # window_append's block
 STATIC_SHARED_LIMIT = 48 * 1024  # dynamic shared memory beyond this needs the function attribute raised
 DTYPE_NAMES = {np.dtype(np.float16): "float16", np.dtype(np.float32): "float32"}
 
@@ -227,14 +227,8 @@ def append_window(k, v, window_k, window_v, window_lengths) -> None:
     """Enqueue ``window_append``: ``k``, ``v`` ``(batch, heads, count, head_dim)`` (channels contiguous, the windows'
     dtype) written after the first ``window_lengths[b]`` tokens of each sequence of the contiguous window buffers
     ``(batch, heads, capacity, head_dim)``; ``window_lengths`` is a cupy int64 ``(batch,)`` read on the device."""
-    batch, heads, count, head_dim = k.shape
     k, v = (x if x.strides[3] == x.itemsize else cupy.ascontiguousarray(x) for x in (k, v))
-    elements = batch * heads * count * head_dim
     function = kernels.function(kernels.window_variant(dtype_name(window_k.dtype)), "window_append",
                                 window_k.device.id)
-    function(
-        (max(1, -(-elements // THREADS)),), (THREADS,),
-        (k, *[np.int64(s // k.itemsize) for s in k.strides[:3]], v, *[np.int64(s // v.itemsize) for s in v.strides[:3]],
-         window_lengths, window_k, window_v, np.int32(heads), np.int32(count), np.int32(head_dim),
-         np.int32(window_k.shape[2]), np.int64(elements)),
-    )
+    grid, block, args = window_append_launch(k, v, window_k, window_v, window_lengths)
+    function(grid, block, args)

@@ -1,6 +1,6 @@
 """How the write path's kernels are launched: the geometry and the arguments of ``quantize_keys`` and
 ``quantize_values`` (``raw_kernels/quantize.cu``), of their inverses ``dequantize_keys`` and ``dequantize_values``
-(``dequantize.cu``) and of ``hadamard_rows`` (``rotate.cu``), with numpy only.
+(``dequantize.cu``), of ``hadamard_rows`` (``rotate.cu``) and of ``window_append`` (``window.cu``), with numpy only.
 
 :mod:`oscar_cupy.cuda_backend` launches them on the GPU with cupy arrays; the tests run the same launches, with numpy
 arrays, through a CPU emulation of the kernels (``tests/emulator.py``), so the launches' arithmetic is tested without a
@@ -24,7 +24,7 @@ KEY_BLOCK_WARPS = 8  # a quantize_keys block takes heads until it has this many 
 KEY_THREADS = 512  # the launch bounds of quantize_keys
 VALUE_WARPS = 4  # VAL_WARPS: warps of a quantize_values block
 VALUE_LANE_CHANNELS = {64: 32, 128: 32, 256: 32}  # value channels per lane of quantize_values (16 or 32), per head_dim
-ROW_THREADS = 256  # THREADS of dequantize.cu and rotate.cu: a warp per token row (dequantize), rows of hadamard_rows
+ROW_THREADS = 256  # THREADS of dequantize.cu, rotate.cu and window.cu
 STASH_LIMIT = 112 * 1024  # quantize_keys keeps its rows in shared memory up to this much (two blocks per H100 SM)
 SCALINGS = {"none": 0, "l2": 1, "l2_per_head": 2}
 
@@ -135,3 +135,16 @@ def hadamard_launch(rows: int, size: int) -> tuple:
     """``(grid, block)`` of ``hadamard_rows`` over ``rows`` rows of ``size``: a row spans ``min(32, size)`` lanes."""
     rows_per_block = ROW_THREADS // 32 * (32 // min(32, size))
     return (-(-rows // rows_per_block),), (ROW_THREADS,)
+
+
+def window_append_launch(k, v, window_k, window_v, window_lengths) -> tuple:
+    """``(grid, block, args)`` of ``window_append``: ``k``, ``v`` ``(batch, heads, count, head_dim)`` with contiguous
+    channels written after the first ``window_lengths[b]`` (int64, read on the device) tokens of each sequence of the
+    contiguous window buffers ``window_k``, ``window_v`` ``(batch, heads, capacity, head_dim)``; a thread per
+    element."""
+    batch, heads, count, head_dim = k.shape
+    elements = batch * heads * count * head_dim
+    strides = [[np.int64(stride // x.itemsize) for stride in x.strides[:3]] for x in (k, v)]
+    args = (k, *strides[0], v, *strides[1], window_lengths, window_k, window_v, np.int32(heads), np.int32(count),
+            np.int32(head_dim), np.int32(window_k.shape[2]), np.int64(elements))
+    return (max(1, -(-elements // ROW_THREADS)),), (ROW_THREADS,), args

@@ -1,8 +1,8 @@
-"""The write path's CUDA kernels (``raw_kernels/quantize.cu``, ``dequantize.cu``, ``rotate.cu``), run on the CPU by
-``tests/emulator.py``, against the CPU reference: identical codes, scales, zeros and norms (and dequantized and rotated
-values), every output written, through the launch geometry and arguments the CUDA backend uses
-(``oscar_cupy/quantize_launch.py``). No GPU needed; skipped without g++. The same
-comparisons on the GPU are ``tests/test_cuda.py``.
+"""The write path's CUDA kernels (``raw_kernels/quantize.cu``, ``dequantize.cu``, ``rotate.cu``, ``window.cu``), run
+on the CPU by ``tests/emulator.py``, against the CPU reference: identical codes, scales, zeros and norms (and
+dequantized, rotated and appended values), every output written, through the launch geometry and arguments the CUDA
+backend uses (``oscar_cupy/quantize_launch.py``). No GPU needed; skipped without g++. The same comparisons on the GPU
+are ``tests/test_cuda.py``.
 """
 
 import os
@@ -25,6 +25,7 @@ from oscar_cupy.quantize_launch import (
     quantize_keys_launch,
     quantize_values_args,
     quantize_values_launch,
+    window_append_launch,
 )
 
 pytestmark = pytest.mark.skipif(COMPILER is None, reason="no g++ to build the kernels' host version")
@@ -217,3 +218,17 @@ def test_hadamard_kernel_equals_cpu(rng, size):
     Module(kernels.rotate_variant(size, np.dtype(dtype).name)).launch(
         "hadamard_rows", grid, block, (x, out, np.int64(rows), hadamard_normalization(size)))
     np.testing.assert_array_equal(out.view(np.uint8), oc.hadamard(x).view(np.uint8))
+
+
+def test_window_append_kernel(rng):
+    """New tokens of strided keys and values go after each sequence's own window tokens; nothing else is written."""
+    k, v = random_kv(rng, batch=3, kv_heads=2, tokens=5, head_dim=64, dtype=np.float16)
+    k, v = (np.ascontiguousarray(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3) for x in (k, v))  # token stride H * D
+    lengths = np.array([0, 7, 11], np.int64)
+    window_k, window_v = (poisoned_like((3, 2, 16, 64), np.float16) for _ in range(2))
+    grid, block, args = window_append_launch(k, v, window_k, window_v, lengths)
+    Module(kernels.window_variant("float16")).launch("window_append", grid, block, args)
+    for b, start in enumerate(lengths):
+        for window, new in ((window_k, k), (window_v, v)):
+            np.testing.assert_array_equal(window[b, :, start:start + 5], new[b])
+            assert np.isnan(window[b, :, :start]).all() and np.isnan(window[b, :, start + 5:]).all()

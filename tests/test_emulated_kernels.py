@@ -15,18 +15,6 @@ from emulator import COMPILER, Module
 
 import oscar_cupy as oc
 from oscar_cupy import kernels, layout, quantize_launch
-from oscar_cupy.quantize_launch import (
-    dequantize_keys_args,
-    dequantize_launch,
-    dequantize_values_args,
-    hadamard_launch,
-    hadamard_normalization,
-    quantize_keys_args,
-    quantize_keys_launch,
-    quantize_values_args,
-    quantize_values_launch,
-    window_append_launch,
-)
 
 pytestmark = pytest.mark.skipif(COMPILER is None, reason="no g++ to build the kernels' host version")
 REAL_KV = os.environ.get("OSCAR_REAL_KV", ".assets/smollm2_kv.npz")  # made by bench/dump_kv.py
@@ -59,13 +47,15 @@ def emulated_quantize(k, v, config, lengths, source=None, max_shared_bytes=H100_
     lengths = np.asarray(lengths, dtype=np.int64)
     refused = np.zeros(1, np.int32)
     (k, k_strides), (v, v_strides) = rows(k), rows(v)
-    launch = quantize_keys_launch(batch, heads, head_dim, out["k_codes"].shape[2] // config.key_group, config,
-                                  k.itemsize, max_shared_bytes)
+    groups = out["k_codes"].shape[2] // config.key_group
+    launch = quantize_launch.quantize_keys_launch(batch, heads, head_dim, groups, config, k.itemsize, max_shared_bytes)
     assert launch.shared_bytes <= max_shared_bytes
     module.launch("quantize_keys", launch.grid, launch.block,
-                  quantize_keys_args(k, k_strides, lengths, config, launch, out, refused), launch.shared_bytes)
-    grid, block = quantize_values_launch(batch, heads, head_dim, out["v_scales"].shape[2], config)
-    module.launch("quantize_values", grid, block, quantize_values_args(v, v_strides, lengths, config, out, refused))
+                  quantize_launch.quantize_keys_args(k, k_strides, lengths, config, launch, out, refused),
+                  launch.shared_bytes)
+    grid, block = quantize_launch.quantize_values_launch(batch, heads, head_dim, out["v_scales"].shape[2], config)
+    module.launch("quantize_values", grid, block,
+                  quantize_launch.quantize_values_args(v, v_strides, lengths, config, out, refused))
     return out, int(refused[0])
 
 
@@ -103,8 +93,8 @@ def test_other_lane_geometries(rng, monkeypatch, head_dim, key_lane_rows, value_
 def test_a_geometry_that_does_not_fit_is_refused(monkeypatch):
     monkeypatch.setitem(quantize_launch.KEY_LANE_ROWS, 256, 2)  # 32 warps for a key group of 128
     with pytest.raises(ValueError, match=r"KEY_LANE_ROWS\[256\] = 2 does not fit key groups of 128"):
-        quantize_keys_launch(1, 8, 256, 4, oc.QuantConfig(key_group=128), 2, H100_SHARED_BYTES)
-    quantize_keys_launch(1, 8, 256, 4, oc.QuantConfig(key_group=64), 2, H100_SHARED_BYTES)
+        quantize_launch.quantize_keys_launch(1, 8, 256, 4, oc.QuantConfig(key_group=128), 2, H100_SHARED_BYTES)
+    quantize_launch.quantize_keys_launch(1, 8, 256, 4, oc.QuantConfig(key_group=64), 2, H100_SHARED_BYTES)
 
 
 @pytest.mark.parametrize("max_shared_kib", [99, 48])
@@ -113,11 +103,11 @@ def test_smaller_shared_memory(rng, max_shared_kib):
     instead of stashed, with the same results; what cannot fit at all is refused before the launch."""
     k, v = random_kv(rng, batch=2, kv_heads=8, tokens=64, head_dim=128, dtype=ml_dtypes.bfloat16)
     config = oc.QuantConfig()  # Llama-3-8B's keys: with the stash, 104 KiB per block on the H100 and the A100
-    assert quantize_keys_launch(2, 8, 128, 2, config, 2, H100_SHARED_BYTES).shared_bytes > 99 * 1024
-    assert not quantize_keys_launch(2, 8, 128, 2, config, 2, max_shared_kib * 1024).stash
+    assert quantize_launch.quantize_keys_launch(2, 8, 128, 2, config, 2, H100_SHARED_BYTES).shared_bytes > 99 * 1024
+    assert not quantize_launch.quantize_keys_launch(2, 8, 128, 2, config, 2, max_shared_kib * 1024).stash
     assert_same_as_cpu(k, v, config, [64, 50], max_shared_bytes=max_shared_kib * 1024)
     with pytest.raises(ValueError, match="needs .* bytes of shared memory per block; this GPU allows 8192"):
-        quantize_keys_launch(2, 8, 128, 2, config, 2, 8 * 1024)
+        quantize_launch.quantize_keys_launch(2, 8, 128, 2, config, 2, 8 * 1024)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -199,11 +189,11 @@ def test_dequantize_kernels_equal_cpu(rng, head_dim, config):
     cpu_keys, cpu_values = qkv.dequantize()
     module = Module(kernels.dequantize_variant(head_dim, config.bits, np.dtype(dtype).name, config.scale_dtype))
     keys, values = (poisoned_like(cpu_keys.shape, dtype) for _ in range(2))
-    grid, block = dequantize_launch(2, 3, qkv.num_tokens)
+    grid, block = quantize_launch.dequantize_launch(2, 3, qkv.num_tokens)
     rotate = config.rotation == "hadamard"
-    module.launch("dequantize_keys", grid, block, dequantize_keys_args(qkv, qkv.lengths, rotate, keys))
+    module.launch("dequantize_keys", grid, block, quantize_launch.dequantize_keys_args(qkv, qkv.lengths, rotate, keys))
     module.launch("dequantize_values", grid, block,
-                  dequantize_values_args(qkv, qkv.lengths, rotate and config.rotate_values, values))
+                  quantize_launch.dequantize_values_args(qkv, qkv.lengths, rotate and config.rotate_values, values))
     np.testing.assert_array_equal(keys.view(np.uint8), cpu_keys.view(np.uint8))
     np.testing.assert_array_equal(values.view(np.uint8), cpu_values.view(np.uint8))
 
@@ -214,9 +204,9 @@ def test_hadamard_kernel_equals_cpu(rng, size):
     x = rng.standard_normal((5, 7, size)).astype(dtype)
     out = poisoned_like(x.shape, dtype)
     rows = x.size // size
-    grid, block = hadamard_launch(rows, size)
+    grid, block = quantize_launch.hadamard_launch(rows, size)
     Module(kernels.rotate_variant(size, np.dtype(dtype).name)).launch(
-        "hadamard_rows", grid, block, (x, out, np.int64(rows), hadamard_normalization(size)))
+        "hadamard_rows", grid, block, (x, out, np.int64(rows), quantize_launch.hadamard_normalization(size)))
     np.testing.assert_array_equal(out.view(np.uint8), oc.hadamard(x).view(np.uint8))
 
 
@@ -226,7 +216,7 @@ def test_window_append_kernel(rng):
     k, v = (np.ascontiguousarray(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3) for x in (k, v))  # token stride H * D
     lengths = np.array([0, 7, 11], np.int64)
     window_k, window_v = (poisoned_like((3, 2, 16, 64), np.float16) for _ in range(2))
-    grid, block, args = window_append_launch(k, v, window_k, window_v, lengths)
+    grid, block, args = quantize_launch.window_append_launch(k, v, window_k, window_v, lengths)
     Module(kernels.window_variant("float16")).launch("window_append", grid, block, args)
     for b, start in enumerate(lengths):
         for window, new in ((window_k, k), (window_v, v)):

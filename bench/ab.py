@@ -28,6 +28,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 
 BENCH = pathlib.Path(__file__).resolve().parent
 
@@ -109,17 +110,19 @@ def main():
     tags = list(builds)
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    sites = {tag: install(tag, build, args.out) for tag, build in builds.items()}
+    work = pathlib.Path(tempfile.mkdtemp(prefix="ab_"))  # the builds' installs and kernel caches (not results)
+    sites = {tag: install(tag, build, work) for tag, build in builds.items()}
     rows = []
     for round_ in range(args.rounds):
         for tag in tags:
-            env = dict(os.environ, PYTHONPATH=str(sites[tag]), OSCAR_CUPY_CACHE_DIR=str(args.out / f"kernels_{tag}"))
+            env = dict(os.environ, PYTHONPATH=str(sites[tag]), OSCAR_CUPY_CACHE_DIR=str(work / f"kernels_{tag}"))
             done = subprocess.run([sys.executable, str(BENCH / "ab.py"), "--builds", args.builds, "--cases", args.cases,
                                    "--child", tag], env=env, cwd="/tmp", capture_output=True, text=True)
             if done.returncode:
                 raise SystemExit(f"build {tag}, round {round_ + 1} failed:\n{done.stderr[-4000:]}")
             rows += [dict(json.loads(line), round=round_ + 1) for line in done.stdout.splitlines()
                      if line.startswith("{")]
+    shutil.rmtree(work, ignore_errors=True)
     import cupy
 
     result = dict(device=cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(),

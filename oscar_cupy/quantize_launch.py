@@ -65,7 +65,7 @@ def quantize_keys_launch(batch: int, heads: int, head_dim: int, groups: int, con
         raise ValueError(f"quantize_launch.KEY_LANE_ROWS[{head_dim}] = {lane_rows} does not fit key groups of {group}: "
                          f"{warps_per_head} warps per head, where a block holds 1 to {KEY_THREADS // 32}")
     heads_per_round = max(1, min(heads, KEY_BLOCK_WARPS // warps_per_head))
-    padded = head_dim // 16 * 17  # PADDED_DIM: per-channel floats, padded against bank conflicts
+    padded = head_dim + head_dim // 8  # SPREAD_DIM: per-channel floats, padded against bank conflicts
     shared = (
         (heads * group * 8 + group * 4 if l2 else 0)  # float64 squares and inverse norms
         + heads_per_round * 2 * (group // lane_rows) * padded * 4  # partial extremes

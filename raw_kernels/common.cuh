@@ -75,21 +75,25 @@ __device__ __forceinline__ scale_t scale_nearest(float x) { return f32_to_bf16(x
 #endif
 __device__ __forceinline__ scale_t scale_up(scale_t c) { return half_bits_up(c); }
 __device__ __forceinline__ scale_t scale_down(scale_t c) { return half_bits_down(c); }
+// as quantizer.round_down: the nearest value, or the one below it when the nearest is above x (that one is not above
+// x, or the nearest would not be the nearest)
 __device__ __forceinline__ scale_t scale_round_down(float x) {
-    scale_t c = scale_nearest(x);
-    while (scale_to_f32(c) > x) c = half_bits_down(c);
-    return c;
+    const scale_t c = scale_nearest(x);
+    return scale_to_f32(c) > x ? half_bits_down(c) : c;
 }
 #endif
 
 // quantizer.group_params' scale, round_up(float64(range) / L): the smallest scale value c with c * L >= range.
 // c * L is exact in float64 (at most 24 + 4 significant bits), so the comparisons are exact, and no float64 division
 // is needed; the float64 quotient of the definition never falls between two scale values on the other side of the
-// exact one (range has far fewer significant bits than a float64), so both give the same value.
+// exact one (range has far fewer significant bits than a float64), so both give the same value. The estimate, the
+// scale value nearest to the float32 rounding of range * float64(1 / L) (within 2^-24 of the quotient, relatively),
+// is the scale value below or above the quotient or, where the quotient is that close to a scale value, the one
+// next to it: one step up or down ends the search.
 __device__ __forceinline__ scale_t scale_of_range(double range) {  // range >= 0
-    scale_t c = scale_nearest((float)range * (1.0f / LEVELS));  // within a few steps of the answer
-    while ((double)scale_to_f32(c) * LEVELS < range) c = scale_up(c);
-    while ((double)scale_to_f32(scale_down(c)) * LEVELS >= range) c = scale_down(c);
+    scale_t c = scale_nearest((float)(range * (1.0 / LEVELS)));
+    if ((double)scale_to_f32(c) * LEVELS < range) c = scale_up(c);
+    else if ((double)scale_to_f32(scale_down(c)) * LEVELS >= range) c = scale_down(c);
     return c;
 }
 

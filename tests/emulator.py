@@ -64,6 +64,11 @@ HOST_BODIES = {
     "prefetch_l2": ("prefetch.global.L2", ""),
     "transpose_pairs": ("movmatrix.sync.aligned.m8n8.trans.b16", "return emu::movmatrix(x);"),
     "load_acquire": ("ld.acquire.gpu.global.s32", "return *reinterpret_cast<const volatile int*>(address);"),
+    "poison_pairs": ('"fma.rn.bf16x2 %0, %1, %2, %3;"',
+                     "u32 out = bad; for (int half = 0; half < 2; ++half) { const u32 h = (pair >> (16 * half)) & "
+                     f"0xffffu, inf = ({F16_INPUT}) ? 0x7c00u : 0x7f80u; if ((h & inf) == inf) out |= "
+                     "(inf | 0x40u) << (16 * half); } return out;"),
+    "multiply_add": ('"mad.lo.u32 %0, %1, %2, %3;"', "return a * b + c;"),
     "scale_pair_at": ("(lo % 2 ? 0x32u : 0x10u) | (hi % 2 ? 0x7600u : 0x5400u)",
                       "\n#if SCALE_DTYPE == DTYPE_F32\n    return pack_pair(__uint_as_float(raw[lo]), "
                       "__uint_as_float(raw[hi]));\n#else\n    return emu::prmt(raw[lo / 2], raw[hi / 2], "

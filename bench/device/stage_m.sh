@@ -2,7 +2,8 @@
 # write-path benchmark, and an A/B of this checkout against the kernels before the cuts (ab_tmp/base: `git archive
 # 91b9a20 oscar_cupy raw_kernels adapters | tar -x -C ab_tmp/base`) in alternating rounds of one run (bench/ab.py),
 # with two candidates: ab_tmp/v16 (16 value channels per lane) and ab_tmp/kw16 (key blocks of up to 16 warps, the
-# stash up to 227 KiB): copies of the checkout with quantize_launch.py edited. About 5 minutes on an H100.
+# stash up to 227 KiB): copies of the checkout with quantize_launch.py edited (CANDIDATES= leaves them out). About 5
+# minutes on an H100.
 # carry: .whl (oscar_cupy's wheel, `pip wheel --no-deps -w .whl .`), ab_tmp, .assets/smollm2_kv.npz (bench/dump_kv.py)
 set -u
 O=$(realpath "$OUT")
@@ -12,14 +13,14 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$O/info.log"
 # from /tmp: the checkout's oscar_cupy/ lacks the adapters/ and raw_kernels/ that installing maps into the package
-(cd /tmp && timeout 190 python3 -m pytest -p no:cacheprovider -q -ra "$REPO/tests/test_cuda.py" \
+(cd /tmp && timeout 120 python3 -m pytest -p no:cacheprovider -q -ra "$REPO/tests/test_cuda.py" \
   --junitxml="$O/junit.xml" > "$O/tests.log" 2>&1; echo "pytest rc=$?")
 tail -6 "$O/tests.log"
 python3 bench/test_report.py "$O/junit.xml" "$O" "bash bench/device/stage_m.sh (tests/test_cuda.py)" > /dev/null 2>&1
-(cd /tmp && timeout 240 python3 "$REPO/bench/ab.py" --rounds 2 --out "$O/ab_quantize" \
-  --builds "base=$REPO/ab_tmp/base,new=$REPO,v16=$REPO/ab_tmp/v16,kw16=$REPO/ab_tmp/kw16" \
-  --cases quantize:8:8:8192:128:oscar-2,quantize:8:8:8192:128:oscar-4,quantize:1:8:131072:128:oscar-2,\
-quantize:32:3:16384:64:oscar-2,quantize:4:8:8192:256:oscar-2) 2>&1 | tail -12
-timeout 130 python3 bench/quantize.py --out "$O" > "$O/bench_quantize.log" 2>&1; echo "bench rc=$?"
+timeout 100 python3 bench/quantize.py --out "$O" > "$O/bench_quantize.log" 2>&1; echo "bench rc=$?"
 grep -A16 "^| batch" "$O/quantize.md" | head -16
 rm -f "$O/junit.xml" "$O/info.log"  # at most 8 files come back
+(cd /tmp && timeout 150 python3 "$REPO/bench/ab.py" --rounds 2 --out "$O/ab_quantize" \
+  --builds "base=$REPO/ab_tmp/base,new=$REPO${CANDIDATES-,v16=$REPO/ab_tmp/v16,kw16=$REPO/ab_tmp/kw16}" \
+  --cases quantize:8:8:8192:128:oscar-2,quantize:8:8:8192:128:oscar-4,quantize:1:8:131072:128:oscar-2,\
+quantize:32:3:16384:64:oscar-2,quantize:4:8:8192:256:oscar-2) 2>&1 | tail -12

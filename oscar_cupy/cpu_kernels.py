@@ -75,7 +75,9 @@ def _slots(bits: int) -> np.ndarray:
 @numba.njit(inline="always")
 def _code(x, zero, inverse, levels):
     scaled = (x - zero) * inverse
-    return np.uint32(min(max(np.rint(scaled), np.float32(0)), np.float32(levels)))
+    if not scaled > 0:  # zero, negative, or NaN (zero times an infinite inverse): code 0, as quantizer.encode
+        return np.uint32(0)
+    return np.uint32(min(np.rint(scaled), np.float32(levels)))
 
 
 @numba.njit(**_JIT)

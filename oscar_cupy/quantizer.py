@@ -7,11 +7,14 @@ Definition for one group ``X`` of float32 values (the valid elements that share 
 2. ``zero = round_down_S(mn)``: the largest ``S`` value not above ``mn``.
 3. ``scale = round_up_S((float64(mx) - float64(zero)) / L)``: the smallest ``S`` value not below the float64 quotient.
 4. ``inverse = float32(1) / float32(scale)`` if ``scale > 0`` else ``0``.
-5. ``code = clamp(rint(float32(float32(x - zero) * inverse)), 0, L)``, ``rint`` rounding half to even.
+5. ``code = clamp(rint(float32(float32(x - zero) * inverse)), 0, L)``, ``rint`` rounding half to even; a NaN product
+   (zero times an infinite inverse: an element equal to the zero of a group whose bfloat16 or float32 scale is so
+   small, below about 2^-128, that its float32 inverse overflows) gives code 0, as the clamp of the GPU kernels does.
 6. Dequantized: ``x_hat = float32(float32(code) * scale) + zero`` (two float32 roundings, no fused multiply-add).
 
 Rounding the zero down and the scale up makes ``[zero, zero + L * scale]`` cover ``[mn, mx]``, so every element is
-within ``scale / 2`` of its dequantized value (plus float32 rounding of a few ulps), and a constant group whose value
+within ``scale / 2`` of its dequantized value (plus float32 rounding of a few ulps; in the groups of step 5 with an
+infinite inverse, within ``L * scale``, below 2^-126), and a constant group whose value
 is representable in ``S`` dequantizes exactly (scale 0). Groups with no valid element get scale 0 and zero 0.
 Every step is an IEEE operation with one rounding, so a GPU kernel that performs the same steps gets the same codes,
 scales and zeros bit for bit.
@@ -60,15 +63,17 @@ def group_params(minimum: np.ndarray, maximum: np.ndarray, bits: int, dtype: np.
 
 
 def inverse_scale(scale: np.ndarray) -> np.ndarray:
-    """float32 ``1 / scale`` where ``scale > 0``, else 0 (step 4 above)."""
+    """float32 ``1 / scale`` where ``scale > 0``, else 0 (step 4 above; infinite for scales below about 2^-128)."""
     scale32 = scale.astype(np.float32)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):
         return np.where(scale32 > 0, np.float32(1) / scale32, np.float32(0))
 
 
 def encode(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
     """uint8 codes of float32 ``x`` with ``scale``/``zero`` broadcast to ``x``'s shape (steps 4 and 5 above)."""
-    scaled = (x - zero.astype(np.float32)) * inverse_scale(scale)
+    with np.errstate(invalid="ignore"):
+        scaled = (x - zero.astype(np.float32)) * inverse_scale(scale)
+    scaled = np.where(np.isnan(scaled), np.float32(0), scaled)
     return np.clip(np.rint(scaled), 0, (1 << bits) - 1).astype(np.uint8)
 
 

@@ -14,7 +14,7 @@ from conftest import DTYPES, WRITE_PATH_CONFIGS, config_id, random_kv
 from emulator import COMPILER, Module
 
 import oscar_cupy as oc
-from oscar_cupy import kernels, layout, quantize_launch
+from oscar_cupy import kernels, layout, quantize_launch, quantizer
 
 pytestmark = pytest.mark.skipif(COMPILER is None, reason="no g++ to build the kernels' host version")
 REAL_KV = os.environ.get("OSCAR_REAL_KV", ".assets/smollm2_kv.npz")  # made by bench/dump_kv.py
@@ -116,6 +116,41 @@ def test_every_length_and_group_edge(rng, dtype):
     k, v = random_kv(rng, batch=8, kv_heads=2, tokens=130, head_dim=64, dtype=dtype)
     for config in (oc.QuantConfig(), oc.QuantConfig(bits=4, key_group=128)):
         assert_same_as_cpu(k, v, config, [130, 129, 128, 97, 33, 32, 1, 0])
+
+
+def boundary_groups(rng, scale_dtype: str, bits: int, shape, keys: bool) -> np.ndarray:
+    """float32 ``(B, H, T, D)`` whose groups (``keys``: 32 tokens of a channel; else 32 channels of a token) have extremes
+    on and next to the scale dtype's grid: a zero ``z`` of the grid (or the float32 above it) and a maximum ``z + c * L``
+    for a scale ``c`` of the grid (or the float32 next to it), ``c`` from the subnormals to the largest that keeps the
+    group in range; the other elements lie between."""
+    dtype = quantizer.scale_dtype(scale_dtype)
+    finfo, levels = ml_dtypes.finfo(dtype), (1 << bits) - 1
+    exponents = np.arange(int(np.log2(float(finfo.smallest_subnormal))),
+                          int(np.log2(float(finfo.max) / (4 * (levels + 1)))))
+    x = np.moveaxis(np.zeros(shape, np.float32), 2, 3) if keys else np.zeros(shape, np.float32)
+    groups = x.reshape(-1, 32)  # a view: keys' groups run along the tokens of the moved axes
+    for cells in groups:
+        scale = np.float32(np.asarray(2.0 ** rng.choice(exponents) * rng.uniform(1, 2)).astype(dtype))
+        zero = np.float32(np.asarray(rng.choice([-1, 1]) * scale * rng.integers(0, levels + 1)).astype(dtype))
+        low = [zero, np.nextafter(zero, np.float32(np.inf))][rng.integers(2)]
+        high = np.float32(np.float64(zero) + np.float64(scale) * levels)
+        high = max(low, [high, np.nextafter(high, np.float32(np.inf)), np.nextafter(high, np.float32(-np.inf))][
+            rng.integers(3)])
+        cells[:] = low + (high - low) * rng.uniform(0, 1, 32).astype(np.float32)
+        cells[rng.integers(32)], cells[rng.integers(32)] = low, high
+    return np.ascontiguousarray(np.moveaxis(x, 3, 2)) if keys else x
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_group_parameters_on_the_scale_grid(rng, scale_dtype, bits):
+    """Extremes on and next to the scale dtype's grid, ranges exactly a multiple of a scale or one float32 off, scales
+    from the subnormals to the largest in range: the one-step search of group_params (common.cuh) gives the CPU's
+    scales and zeros, and the codes follow."""
+    config = oc.QuantConfig(bits=bits, rotation="none", token_scaling="none", scale_dtype=scale_dtype)
+    k = boundary_groups(rng, scale_dtype, bits, (2, 2, 64, 64), keys=True)
+    v = boundary_groups(rng, scale_dtype, bits, (2, 2, 64, 64), keys=False)
+    assert_same_as_cpu(k, v, config, [64, 64])
 
 
 def test_strided_inputs_as_transformers_hands_them(rng):

@@ -4,7 +4,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from oscar_cupy import quantizer
+from oscar_cupy import cpu_kernels, layout, quantizer
 
 SCALE_DTYPES = [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32)]
 
@@ -67,3 +67,19 @@ def test_empty_groups_get_zero_parameters():
 def test_out_of_range_is_refused():
     with pytest.raises(ValueError, match="v holds 7e\\+04.*scale_dtype"):
         quantizer.check_range(np.array([70000.0], np.float32), np.dtype(np.float16), "v", "")
+
+
+@pytest.mark.parametrize("dtype", SCALE_DTYPES[1:], ids=["bfloat16", "float32"])
+def test_scales_whose_inverse_overflows(dtype):
+    """A group spanning a few subnormal steps gets a scale below 2^-128, whose float32 inverse is infinite: the zero
+    gets code 0 (zero times infinity is NaN), every element above it the top code; the numba path agrees."""
+    tiny = float(ml_dtypes.finfo(dtype).smallest_subnormal)
+    x = np.array([[0.0, tiny, 2 * tiny, 3 * tiny, 0.0, tiny] + [0.0] * 26], dtype=np.float32)
+    codes, scale, zero, _ = quantize(x, 2, dtype)
+    assert np.isinf(quantizer.inverse_scale(scale)).all()
+    assert codes[0, :6].tolist() == [0, 3, 3, 3, 0, 3]
+    valid = np.ones((1, 32), bool)
+    numba_codes = cpu_kernels.encode_keys(x.reshape(1, 1, 32, 1).repeat(16, axis=3), scale.reshape(1, 1, 1, 1).repeat(
+        16, axis=3), zero.reshape(1, 1, 1, 1).repeat(16, axis=3), valid, 2, 32)
+    packed = layout.pack_key_codes(np.broadcast_to(codes.reshape(1, 1, 32, 1), (1, 1, 32, 16)), 2)
+    np.testing.assert_array_equal(numba_codes, packed)

@@ -14,7 +14,7 @@ Definition for one group ``X`` of float32 values (the valid elements that share 
 
 Rounding the zero down and the scale up makes ``[zero, zero + L * scale]`` cover ``[mn, mx]``, so every element is
 within ``scale / 2`` of its dequantized value (plus float32 rounding of a few ulps; in the groups of step 5 with an
-infinite inverse, within ``L * scale``, below 2^-126), and a constant group whose value
+infinite inverse, within ``L * scale``, below 2^-124), and a constant group whose value
 is representable in ``S`` dequantizes exactly (scale 0). Groups with no valid element get scale 0 and zero 0.
 Every step is an IEEE operation with one rounding, so a GPU kernel that performs the same steps gets the same codes,
 scales and zeros bit for bit.

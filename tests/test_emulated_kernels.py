@@ -122,7 +122,7 @@ def boundary_groups(rng, scale_dtype: str, bits: int, shape, keys: bool) -> np.n
     """float32 ``(B, H, T, D)`` whose groups (``keys``: 32 tokens of a channel; else 32 channels of a token) have extremes
     on and next to the scale dtype's grid: a zero ``z`` of the grid (or the float32 above it) and a maximum ``z + c * L``
     for a scale ``c`` of the grid (or the float32 next to it), ``c`` from the subnormals to the largest that keeps the
-    group in range; the other elements lie between."""
+    group in range; the other elements lie between, four of them half a step above a code (ties of the rounding)."""
     dtype = quantizer.scale_dtype(scale_dtype)
     finfo, levels = ml_dtypes.finfo(dtype), (1 << bits) - 1
     exponents = np.arange(int(np.log2(float(finfo.smallest_subnormal))),
@@ -137,6 +137,8 @@ def boundary_groups(rng, scale_dtype: str, bits: int, shape, keys: bool) -> np.n
         high = max(low, [high, np.nextafter(high, np.float32(np.inf)), np.nextafter(high, np.float32(-np.inf))][
             rng.integers(3)])
         cells[:] = low + (high - low) * rng.uniform(0, 1, 32).astype(np.float32)
+        ties = np.float32(np.float64(zero) + np.float64(scale) * (rng.integers(0, levels, 4) + 0.5))
+        cells[rng.choice(32, 4, replace=False)] = np.clip(ties, low, high)  # half a step above a code: round to even
         cells[rng.integers(32)], cells[rng.integers(32)] = low, high
     return np.ascontiguousarray(np.moveaxis(x, 3, 2)) if keys else x
 
@@ -145,8 +147,8 @@ def boundary_groups(rng, scale_dtype: str, bits: int, shape, keys: bool) -> np.n
 @pytest.mark.parametrize("bits", [2, 4])
 def test_group_parameters_on_the_scale_grid(rng, scale_dtype, bits):
     """Extremes on and next to the scale dtype's grid, ranges exactly a multiple of a scale or one float32 off, scales
-    from the subnormals to the largest in range: the one-step search of group_params (common.cuh) gives the CPU's
-    scales and zeros, and the codes follow."""
+    from the subnormals to the largest in range, elements at rounding ties: the one-step search of group_params
+    (common.cuh) gives the CPU's scales and zeros, and the codes follow (half to even)."""
     config = oc.QuantConfig(bits=bits, rotation="none", token_scaling="none", scale_dtype=scale_dtype)
     k = boundary_groups(rng, scale_dtype, bits, (2, 2, 64, 64), keys=True)
     v = boundary_groups(rng, scale_dtype, bits, (2, 2, 64, 64), keys=False)

@@ -3,7 +3,8 @@
 Definition for one group ``X`` of float32 values (the valid elements that share parameters), ``b`` bits,
 ``L = 2**b - 1`` and scale dtype ``S`` (float16, bfloat16 or float32):
 
-1. ``mn = min X``, ``mx = max X`` (float32).
+1. ``mn = min X + 0``, ``mx = max X + 0`` (float32; adding zero turns -0 into +0, so that which zero the extreme of a
+   group holding both is does not matter).
 2. ``zero = round_down_S(mn)``: the largest ``S`` value not above ``mn``.
 3. ``scale = round_up_S((float64(mx) - float64(zero)) / L)``: the smallest ``S`` value not below the float64 quotient.
 4. ``inverse = float32(1) / float32(scale)`` if ``scale > 0`` else ``0``.
@@ -55,8 +56,8 @@ def group_params(minimum: np.ndarray, maximum: np.ndarray, bits: int, dtype: np.
     ``valid`` (bool, same shape) marks groups that hold at least one valid element; the others get scale 0, zero 0.
     """
     levels = (1 << bits) - 1
-    minimum = np.where(valid, minimum, np.float32(0))
-    maximum = np.where(valid, maximum, np.float32(0))
+    minimum = np.where(valid, minimum, np.float32(0)) + np.float32(0)  # -0 + 0 = +0 (step 1)
+    maximum = np.where(valid, maximum, np.float32(0)) + np.float32(0)
     zero = round_down(minimum, dtype)
     scale = round_up((maximum.astype(np.float64) - zero.astype(np.float64)) / levels, dtype)
     return scale, zero

@@ -111,6 +111,8 @@ struct GroupParams {
 __device__ __forceinline__ GroupParams group_params(float minimum, float maximum, bool valid) {
     GroupParams p;
     if (!valid) { minimum = 0.f; maximum = 0.f; }
+    minimum = __fadd_rn(minimum, 0.f);  // -0 becomes +0: which zero a minimum over both picks is not defined
+    maximum = __fadd_rn(maximum, 0.f);
     p.zero = scale_round_down(minimum);
     p.zero_f32 = scale_to_f32(p.zero);
     p.scale = scale_of_range((double)maximum - (double)p.zero_f32);

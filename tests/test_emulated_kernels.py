@@ -155,6 +155,23 @@ def test_group_parameters_on_the_scale_grid(rng, scale_dtype, bits):
     assert_same_as_cpu(k, v, config, [64, 64])
 
 
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float32], ids=["bfloat16", "float32"])
+@pytest.mark.parametrize("scale_dtype", ["bfloat16", "float32"])
+def test_token_norms_across_the_exponent_range(rng, dtype, scale_dtype):
+    """The method end to end (rotation, L2 token scaling, both bit widths) on tokens whose sizes span 10^-30 to 10^30,
+    with all-zero tokens and subnormal elements among them: float64 norms, their inverses, the butterflies and the
+    group parameters at the extremes of the exponent range, bit for bit as on the CPU."""
+    batch, heads, tokens, head_dim = 2, 3, 96, 64
+    sizes = 10.0 ** rng.uniform(-30, 30, size=(batch, 1, tokens, 1))
+    sizes[:, :, rng.choice(tokens, 4, replace=False)] = 0.0  # tokens of zeros: norm 1 by definition
+    k, v = (rng.standard_normal((batch, heads, tokens, head_dim)) * sizes for _ in range(2))
+    tiny = float(ml_dtypes.finfo(dtype).smallest_subnormal)
+    k[0, 0, 5, :8] = tiny * rng.integers(1, 4, size=8)  # subnormal elements in an otherwise normal token
+    for bits in (2, 4):
+        config = oc.QuantConfig(bits=bits, scale_dtype=scale_dtype)
+        assert_same_as_cpu(k.astype(dtype), v.astype(dtype), config, [tokens, 77])
+
+
 def test_strided_inputs_as_transformers_hands_them(rng):
     """(B, T, H, D) storage viewed as (B, H, T, D): token stride H * D, read in place."""
     k, v = random_kv(rng, batch=2, kv_heads=4, tokens=64, head_dim=128, dtype=np.float16)

@@ -158,17 +158,17 @@ def test_group_parameters_on_the_scale_grid(rng, scale_dtype, bits):
 @pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float32], ids=["bfloat16", "float32"])
 @pytest.mark.parametrize("scale_dtype", ["bfloat16", "float32"])
 def test_token_norms_across_the_exponent_range(rng, dtype, scale_dtype):
-    """The method end to end (rotation, L2 token scaling, both bit widths) on tokens whose sizes span 10^-30 to 10^30,
-    with all-zero tokens and subnormal elements among them: float64 norms, their inverses, the butterflies and the
-    group parameters at the extremes of the exponent range, bit for bit as on the CPU."""
+    """The method end to end (rotation and L2 token scaling; per-head scaling; neither) on tokens whose sizes span 10^-30
+    to 10^30, with all-zero tokens and subnormal elements among them: float64 norms, their inverses, the butterflies
+    and the group parameters at the extremes of the exponent range, bit for bit as on the CPU."""
     batch, heads, tokens, head_dim = 2, 3, 96, 64
     sizes = 10.0 ** rng.uniform(-30, 30, size=(batch, 1, tokens, 1))
     sizes[:, :, rng.choice(tokens, 4, replace=False)] = 0.0  # tokens of zeros: norm 1 by definition
     k, v = (rng.standard_normal((batch, heads, tokens, head_dim)) * sizes for _ in range(2))
     tiny = float(ml_dtypes.finfo(dtype).smallest_subnormal)
     k[0, 0, 5, :8] = tiny * rng.integers(1, 4, size=8)  # subnormal elements in an otherwise normal token
-    for bits in (2, 4):
-        config = oc.QuantConfig(bits=bits, scale_dtype=scale_dtype)
+    for bits, scaling, rotation in ((2, "l2", "hadamard"), (4, "l2_per_head", "hadamard"), (2, "none", "none")):
+        config = oc.QuantConfig(bits=bits, token_scaling=scaling, rotation=rotation, scale_dtype=scale_dtype)
         assert_same_as_cpu(k.astype(dtype), v.astype(dtype), config, [tokens, 77])
 
 

@@ -141,6 +141,13 @@ def test_refusals(rng):
     huge[1, 0, 5, :2] = 3e38  # finite keys whose token norm overflows float32
     with pytest.raises(ValueError, match="k holds a token whose L2 norm exceeds float32's range"):
         oc.quantize_kv(cupy.asarray(huge), cupy.asarray(v), oc.QuantConfig(rotation="none", scale_dtype="float32"))
+    for dtype in (np.float16, ml_dtypes.bfloat16):  # 16-bit values are checked two at a time, either half
+        for channel in (6, 7):
+            bad_v = v.astype(dtype)
+            bad_v[1, 1, 20, channel] = np.inf
+            with pytest.raises(ValueError, match="v contains NaN or Inf"):
+                oc.quantize_kv(cupy.asarray(k.astype(dtype)), cupy.asarray(bad_v))
+            oc.quantize_kv(cupy.asarray(k.astype(dtype)), cupy.asarray(bad_v), lengths=[64, 20])
     before = k.copy()
     oc.quantize_kv(cupy.asarray(k), cupy.asarray(v)).dequantize()
     np.testing.assert_array_equal(k, before)

@@ -213,6 +213,19 @@ def test_refusal_flags(rng):
         assert emulated_quantize(huge, v, config, [7, 64])[1] == 0  # a padding token
 
 
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16], ids=["float16", "bfloat16"])
+def test_refusal_flags_of_16_bit_values(rng, dtype):
+    """16-bit values are checked for NaN and Inf two at a time (poison_pairs): either half of a pair, with and without
+    rotation; padding is never read."""
+    k, v = (x.astype(dtype) for x in random_kv(rng, batch=2, kv_heads=2, tokens=64, head_dim=64))
+    for config in (oc.QuantConfig(), oc.QuantConfig.preset("kivi-2")):
+        for channel, bad_value in ((6, np.nan), (7, np.nan), (40, np.inf), (41, -np.inf)):
+            bad = v.copy()
+            bad[1, 1, 20, channel] = bad_value
+            assert emulated_quantize(k, bad, config, [64, 64])[1] & 2, (config, channel)
+            assert emulated_quantize(k, bad, config, [64, 20])[1] == 0  # a padding token
+
+
 def test_inputs_are_not_modified(rng):
     k, v = random_kv(rng, batch=2, kv_heads=2, tokens=40, head_dim=128, dtype=ml_dtypes.bfloat16)
     before = k.copy(), v.copy()

@@ -172,6 +172,22 @@ def test_token_norms_across_the_exponent_range(rng, dtype, scale_dtype):
         assert_same_as_cpu(k.astype(dtype), v.astype(dtype), config, [tokens, 77])
 
 
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16", "float32"])
+def test_groups_spanning_the_whole_scale_range(rng, scale_dtype):
+    """Groups from the most negative to the largest value the scale dtype holds (a range beyond float32's, whose scale
+    estimate must not overflow), and from the smallest subnormal up."""
+    finfo = ml_dtypes.finfo(quantizer.scale_dtype(scale_dtype))
+    top, tiny = np.float32(finfo.max), np.float32(finfo.smallest_subnormal)
+    x = rng.uniform(-1, 1, size=(1, 2, 64, 64)).astype(np.float32)
+    x[0, 0] *= top
+    x[0, 0, :, 0], x[0, 0, :, 63], x[0, 0, 0, :], x[0, 0, 63, :] = -top, top, -top, top
+    x[0, 1] = np.abs(x[0, 1]) * tiny * 8
+    x[0, 1, :, 0] = x[0, 1, 0, :] = tiny
+    for bits in (2, 4):
+        config = oc.QuantConfig(bits=bits, rotation="none", token_scaling="none", scale_dtype=scale_dtype)
+        assert_same_as_cpu(x, x, config, [64])
+
+
 def test_strided_inputs_as_transformers_hands_them(rng):
     """(B, T, H, D) storage viewed as (B, H, T, D): token stride H * D, read in place."""
     k, v = random_kv(rng, batch=2, kv_heads=4, tokens=64, head_dim=128, dtype=np.float16)

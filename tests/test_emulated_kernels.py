@@ -262,23 +262,42 @@ def test_a_changed_kernel_is_caught(rng):
     assert not np.array_equal(changed["v_codes"], cpu["v_codes"])
 
 
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("config", [oc.QuantConfig(), oc.QuantConfig(bits=4, token_scaling="l2_per_head"),
-                                    oc.QuantConfig.preset("kivi-2")], ids=["oscar-2", "per-head-4", "kivi-2"])
-def test_dequantize_kernels_equal_cpu(rng, head_dim, config):
-    dtype = DTYPES[head_dim // 64 % len(DTYPES)]
-    k, v = random_kv(rng, batch=2, kv_heads=3, tokens=77, head_dim=head_dim, dtype=dtype)
-    qkv = oc.quantize_kv(k, v, config, lengths=[77, 40])
+def assert_dequantized_as_on_cpu(k, v, config, lengths):
+    """The emulated dequantize kernels give the CPU reference's keys and values (bit for bit) for ``k``, ``v``
+    ``(B, H, T, D)`` quantized on the CPU."""
+    batch, heads, _, head_dim = k.shape
+    dtype = k.dtype
+    qkv = oc.quantize_kv(k, v, config, lengths=lengths)
     cpu_keys, cpu_values = qkv.dequantize()
     module = Module(kernels.dequantize_variant(head_dim, config.bits, np.dtype(dtype).name, config.scale_dtype))
     keys, values = (poisoned_like(cpu_keys.shape, dtype) for _ in range(2))
-    grid, block = quantize_launch.dequantize_launch(2, 3, qkv.num_tokens)
+    grid, block = quantize_launch.dequantize_launch(batch, heads, qkv.num_tokens)
     rotate = config.rotation == "hadamard"
     module.launch("dequantize_keys", grid, block, quantize_launch.dequantize_keys_args(qkv, qkv.lengths, rotate, keys))
     module.launch("dequantize_values", grid, block,
                   quantize_launch.dequantize_values_args(qkv, qkv.lengths, rotate and config.rotate_values, values))
     np.testing.assert_array_equal(keys.view(np.uint8), cpu_keys.view(np.uint8))
     np.testing.assert_array_equal(values.view(np.uint8), cpu_values.view(np.uint8))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("config", [oc.QuantConfig(), oc.QuantConfig(bits=4, token_scaling="l2_per_head"),
+                                    oc.QuantConfig.preset("kivi-2")], ids=["oscar-2", "per-head-4", "kivi-2"])
+def test_dequantize_kernels_equal_cpu(rng, head_dim, config):
+    dtype = DTYPES[head_dim // 64 % len(DTYPES)]
+    k, v = random_kv(rng, batch=2, kv_heads=3, tokens=77, head_dim=head_dim, dtype=dtype)
+    assert_dequantized_as_on_cpu(k, v, config, [77, 40])
+
+
+@pytest.mark.parametrize("scale_dtype", ["bfloat16", "float32"])
+def test_dequantize_across_the_exponent_range(rng, scale_dtype):
+    """Dequantizing (and rotating back) caches of tokens whose sizes span 10^-30 to 10^30, zero tokens among them."""
+    sizes = 10.0 ** rng.uniform(-30, 30, size=(2, 1, 96, 1))
+    sizes[:, :, rng.choice(96, 4, replace=False)] = 0.0
+    k, v = (rng.standard_normal((2, 3, 96, 64)) * sizes for _ in range(2))
+    for config in (oc.QuantConfig(scale_dtype=scale_dtype), oc.QuantConfig(bits=4, token_scaling="l2_per_head",
+                                                                            scale_dtype=scale_dtype)):
+        assert_dequantized_as_on_cpu(k.astype(np.float32), v.astype(np.float32), config, [96, 50])
 
 
 @pytest.mark.parametrize("size", [16, 32, 64, 128, 256])

@@ -180,6 +180,10 @@ def raise_refusals(refused, config: QuantConfig) -> None:
                 f"{name} holds values beyond the range of scale_dtype {config.scale_dtype}{after}; "
                 "use QuantConfig(scale_dtype='bfloat16') or 'float32'"
             )
+    for bit, name, after in ((32, "k", " after rotation and token scaling"), (64, "v", " after rotation")):
+        if flags & bit:
+            raise ValueError(f"{name} holds a group spanning more than float32's range{after}: "
+                             "its codes would overflow")
 
 
 def dequantize(qkv, dtype):

@@ -272,6 +272,7 @@ def _quantize_keys(keys: np.ndarray, valid: np.ndarray, config: QuantConfig, dty
     for extreme in (minimum, maximum):
         quantizer.check_range(np.where(group_valid, extreme, 0), dtype, "k", " after rotation and token scaling")
     scales, zeros = quantizer.group_params(minimum, maximum, config.bits, dtype, group_valid)
+    quantizer.check_span(maximum, zeros, group_valid, "k", " after rotation and token scaling")
     codes = cpu_kernels.encode_keys(keys, scales, zeros, valid, config.bits, config.key_group)
     return codes, scales, zeros
 
@@ -284,5 +285,6 @@ def _quantize_values(values: np.ndarray, valid: np.ndarray, config: QuantConfig,
     for extreme in (minimum, maximum):
         quantizer.check_range(np.where(group_valid, extreme, 0), dtype, "v", " after rotation")
     scales, zeros = quantizer.group_params(minimum, maximum, config.bits, dtype, group_valid)
+    quantizer.check_span(maximum, zeros, group_valid, "v", " after rotation")
     codes = cpu_kernels.encode_values(values, scales, zeros, valid, config.bits, config.value_group)
     return codes, scales, zeros

@@ -94,3 +94,12 @@ def check_range(x: np.ndarray, dtype: np.dtype, name: str, hint: str) -> None:
             f"{name} holds {largest:.4g}, beyond the range of scale_dtype {dtype} (max {limit:.4g}){hint}; "
             "use QuantConfig(scale_dtype='bfloat16') or 'float32'"
         )
+
+
+def check_span(maximum: np.ndarray, zero: np.ndarray, valid: np.ndarray, name: str, hint: str) -> None:
+    """``ValueError`` naming ``name`` if a valid group's ``float64(max) - float64(zero)`` exceeds float32's range: its
+    elements minus the zero would overflow to Inf (float32 ``maximum``, ``zero`` in the scale dtype, bool ``valid``)."""
+    span = np.where(valid, maximum.astype(np.float64) - zero.astype(np.float64), 0.0)
+    if span.max(initial=0.0) > float(np.finfo(np.float32).max):
+        raise ValueError(f"{name} holds a group spanning {span.max():.4g}{hint}, beyond float32's range "
+                         f"({float(np.finfo(np.float32).max):.4g}): its codes would overflow")

@@ -59,9 +59,6 @@ __device__ __forceinline__ float scale_to_f32(scale_t s) { return s; }
 __device__ __forceinline__ scale_t scale_round_down(float x) { return x; }
 __device__ __forceinline__ scale_t scale_nearest(float x) { return x; }
 __device__ __forceinline__ scale_t scale_up(scale_t c) { return __uint_as_float(__float_as_uint(c) + 1u); }  // c >= +0
-__device__ __forceinline__ scale_t scale_down(scale_t c) {  // c >= +0
-    return c > 0.f ? __uint_as_float(__float_as_uint(c) - 1u) : __uint_as_float(0x80000001u);
-}
 #else
 typedef u16 scale_t;
 #if SCALE_DTYPE == DTYPE_F16
@@ -74,7 +71,6 @@ __device__ __forceinline__ float scale_to_f32(scale_t s) { return bf16_to_f32(s)
 __device__ __forceinline__ scale_t scale_nearest(float x) { return f32_to_bf16(x); }
 #endif
 __device__ __forceinline__ scale_t scale_up(scale_t c) { return half_bits_up(c); }
-__device__ __forceinline__ scale_t scale_down(scale_t c) { return half_bits_down(c); }
 // as quantizer.round_down: the nearest value, or the one below it when the nearest is above x (that one is not above
 // x, or the nearest would not be the nearest)
 __device__ __forceinline__ scale_t scale_round_down(float x) {
@@ -85,16 +81,14 @@ __device__ __forceinline__ scale_t scale_round_down(float x) {
 
 // quantizer.group_params' scale, round_up(float64(range) / L): the smallest scale value c with c * L >= range.
 // c * L is exact in float64 (at most 24 + 4 significant bits), so the comparisons are exact, and no float64 division
-// is needed; the float64 quotient of the definition never falls between two scale values on the other side of the
-// exact one (range has far fewer significant bits than a float64), so both give the same value. The estimate, the
-// scale value nearest to the float32 rounding of range * float64(1 / L) (within 2^-24 of the quotient, relatively),
-// is the scale value below or above the quotient or, where the quotient is that close to a scale value, the one
-// next to it: one step up or down ends the search.
+// is needed; the float64 quotient of the definition and the exact one have the same scale value above them (a scale
+// value times L is a float64, so the quotient's rounding cannot pass one). The estimate, the scale value nearest to
+// the float32 rounding of range * float64(1 / L), is never above the answer (that product is within 2^-52 of the
+// quotient, relatively, and both roundings to nearest stop at the answer, a float32 and a scale value) and at most
+// one step below it (the roundings move it by less than one step): one step up ends the search.
 __device__ __forceinline__ scale_t scale_of_range(double range) {  // range >= 0
-    scale_t c = scale_nearest((float)(range * (1.0 / LEVELS)));
-    if ((double)scale_to_f32(c) * LEVELS < range) c = scale_up(c);
-    else if ((double)scale_to_f32(scale_down(c)) * LEVELS >= range) c = scale_down(c);
-    return c;
+    const scale_t c = scale_nearest((float)(range * (1.0 / LEVELS)));
+    return (double)scale_to_f32(c) * LEVELS < range ? scale_up(c) : c;
 }
 
 // quantizer.check_range: a group whose extremes exceed the scale dtype's finite range is refused
@@ -106,6 +100,7 @@ __device__ __forceinline__ bool out_of_range(float minimum, float maximum) {
 struct GroupParams {
     scale_t scale, zero;
     float zero_f32, inverse;
+    bool too_wide;  // quantizer.check_span: max - zero beyond float32's range (x - zero would overflow)
 };
 
 __device__ __forceinline__ GroupParams group_params(float minimum, float maximum, bool valid) {
@@ -115,7 +110,9 @@ __device__ __forceinline__ GroupParams group_params(float minimum, float maximum
     maximum = __fadd_rn(maximum, 0.f);
     p.zero = scale_round_down(minimum);
     p.zero_f32 = scale_to_f32(p.zero);
-    p.scale = scale_of_range((double)maximum - (double)p.zero_f32);
+    const double range = (double)maximum - (double)p.zero_f32;
+    p.too_wide = range > (double)3.40282347e38f;
+    p.scale = scale_of_range(range);
     const float scale = scale_to_f32(p.scale);
     p.inverse = scale > 0.f ? 1.0f / scale : 0.f;
     return p;

@@ -27,7 +27,7 @@
 // elements (the launcher copies other layouts). Tokens at or beyond a sequence's length (lengths[b]) are padding: never
 // read, code 0, scale 0, zero 0, norm 0. Refusals are reported in *refused: bit 0 (keys) or 1 (values) for a non-finite
 // valid input element, bit 2 (keys) or 3 (values) for a group beyond the scale dtype's range, bit 4 for a token norm
-// beyond float32's range.
+// beyond float32's range, bit 5 (keys) or 6 (values) for a group spanning more than float32's range.
 #include "common.cuh"
 
 #define SCALING_NONE 0
@@ -241,7 +241,7 @@ extern "C" __global__ void __launch_bounds__(512) quantize_keys(
     const int warps_per_head = key_group / KEY_WARP_ROWS, partials = key_group / KEY_LANE_ROWS;
     const in_t* base = keys + b * stride_batch + first * stride_token + row_lane * KEY_PER;
     float bad = 0.f;
-    bool in_range = true, norms_in_range = true;
+    bool in_range = true, norms_in_range = true, narrow = true;
 
     unsigned char* next = shared;
     double* squares = reinterpret_cast<double*>(next);
@@ -358,6 +358,7 @@ extern "C" __global__ void __launch_bounds__(512) quantize_keys(
             }
             in_range &= !(valid > 0 && out_of_range(minimum, maximum));
             const GroupParams q = group_params(minimum, maximum, valid > 0);
+            narrow &= !(valid > 0 && q.too_wide);
             const i64 param = (((i64)b * heads + h0 + hs) * groups + g) * HEAD_DIM + c;
             scales_out[param] = q.scale;
             zeros_out[param] = q.zero;
@@ -390,6 +391,7 @@ extern "C" __global__ void __launch_bounds__(512) quantize_keys(
     if (bad != 0.f) atomicOr(refused, 1);
     if (!in_range) atomicOr(refused, 4);
     if (!norms_in_range) atomicOr(refused, 16);
+    if (!narrow) atomicOr(refused, 32);
 }
 
 // Values. Grid (ceil(word rows / (VAL_WARPS * VAL_ROWS)), B * H): row slot s of warp w packs value word row
@@ -413,7 +415,7 @@ extern "C" __global__ void __launch_bounds__(VAL_THREADS) quantize_values(
     const bool writes_params = in_capacity && row_lane % lanes_per_group == 0;  // the group's first lane
     const i64 first_param = ((i64)bh * capacity + first) * groups + row_lane / lanes_per_group;
     finite_flag bad = 0;
-    bool in_range = true;
+    bool in_range = true, narrow = true;
 
     u32 words[VAL_PER], bias = 0;  // biased codes added at their slots; the sum of their biases
 #pragma unroll
@@ -439,6 +441,7 @@ extern "C" __global__ void __launch_bounds__(VAL_THREADS) quantize_values(
         }
         in_range &= !(valid && out_of_range(minimum, maximum));
         const GroupParams p = group_params(minimum, maximum, valid);
+        narrow &= !(valid && p.too_wide);
         if (writes_params) {
             scales_out[first_param + e * groups] = p.scale;
             zeros_out[first_param + e * groups] = p.zero;
@@ -461,4 +464,5 @@ extern "C" __global__ void __launch_bounds__(VAL_THREADS) quantize_values(
     }
     if (bad != 0) atomicOr(refused, 2);
     if (!in_range) atomicOr(refused, 8);
+    if (!narrow) atomicOr(refused, 64);
 }

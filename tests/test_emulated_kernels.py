@@ -119,10 +119,11 @@ def test_every_length_and_group_edge(rng, dtype):
 
 
 def boundary_groups(rng, scale_dtype: str, bits: int, shape, keys: bool) -> np.ndarray:
-    """float32 ``(B, H, T, D)`` whose groups (``keys``: 32 tokens of a channel; else 32 channels of a token) have extremes
-    on and next to the scale dtype's grid: a zero ``z`` of the grid (or the float32 above it) and a maximum ``z + c * L``
-    for a scale ``c`` of the grid (or the float32 next to it), ``c`` from the subnormals to the largest that keeps the
-    group in range; the other elements lie between, four of them half a step above a code (ties of the rounding)."""
+    """float32 ``(B, H, T, D)`` whose groups (``keys``: 32 tokens of a channel; else 32 channels of a token) have
+    extremes on and next to the scale dtype's grid: a zero ``z`` of the grid (or the float32 above it) and a maximum
+    ``z + c * L`` for a scale ``c`` of the grid (or the float32 next to it), ``c`` from the subnormals to the largest
+    that keeps the group in range; the other elements lie between, four of them half a step above a code (ties of the
+    rounding)."""
     dtype = quantizer.scale_dtype(scale_dtype)
     finfo, levels = ml_dtypes.finfo(dtype), (1 << bits) - 1
     exponents = np.arange(int(np.log2(float(finfo.smallest_subnormal))),
@@ -158,9 +159,9 @@ def test_group_parameters_on_the_scale_grid(rng, scale_dtype, bits):
 @pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float32], ids=["bfloat16", "float32"])
 @pytest.mark.parametrize("scale_dtype", ["bfloat16", "float32"])
 def test_token_norms_across_the_exponent_range(rng, dtype, scale_dtype):
-    """The method end to end (rotation and L2 token scaling; per-head scaling; neither) on tokens whose sizes span 10^-30
-    to 10^30, with all-zero tokens and subnormal elements among them: float64 norms, their inverses, the butterflies
-    and the group parameters at the extremes of the exponent range, bit for bit as on the CPU."""
+    """The method end to end (rotation and L2 token scaling; per-head scaling; neither) on tokens whose sizes span
+    10^-30 to 10^30, with all-zero tokens and subnormal elements among them: float64 norms, their inverses, the
+    butterflies and the group parameters at the extremes of the exponent range, bit for bit as on the CPU."""
     batch, heads, tokens, head_dim = 2, 3, 96, 64
     sizes = 10.0 ** rng.uniform(-30, 30, size=(batch, 1, tokens, 1))
     sizes[:, :, rng.choice(tokens, 4, replace=False)] = 0.0  # tokens of zeros: norm 1 by definition
@@ -174,18 +175,27 @@ def test_token_norms_across_the_exponent_range(rng, dtype, scale_dtype):
 
 @pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16", "float32"])
 def test_groups_spanning_the_whole_scale_range(rng, scale_dtype):
-    """Groups from the most negative to the largest value the scale dtype holds (a range beyond float32's, whose scale
-    estimate must not overflow), and from the smallest subnormal up."""
+    """Groups spanning as much as float32 allows (from minus half to half the scale dtype's largest value; for float16
+    scales from its most negative to its largest), and from the smallest subnormal up; groups spanning more than
+    float32's range, whose elements minus the zero would overflow, are refused (bits 5 and 6) as on the CPU."""
     finfo = ml_dtypes.finfo(quantizer.scale_dtype(scale_dtype))
     top, tiny = np.float32(finfo.max), np.float32(finfo.smallest_subnormal)
+    edge = top if scale_dtype == "float16" else top / 2
     x = rng.uniform(-1, 1, size=(1, 2, 64, 64)).astype(np.float32)
-    x[0, 0] *= top
-    x[0, 0, :, 0], x[0, 0, :, 63], x[0, 0, 0, :], x[0, 0, 63, :] = -top, top, -top, top
+    x[0, 0] *= edge
+    x[0, 0, :, 0], x[0, 0, :, 63], x[0, 0, 0, :], x[0, 0, 63, :] = -edge, edge, -edge, edge
     x[0, 1] = np.abs(x[0, 1]) * tiny * 8
     x[0, 1, :, 0] = x[0, 1, 0, :] = tiny
     for bits in (2, 4):
         config = oc.QuantConfig(bits=bits, rotation="none", token_scaling="none", scale_dtype=scale_dtype)
         assert_same_as_cpu(x, x, config, [64])
+    if scale_dtype != "float16":
+        wide = x.copy()
+        wide[0, 0, 5, 5], wide[0, 0, 6, 5] = -top, top  # a key group (channel 5) and two value groups (tokens 5, 6)
+        assert emulated_quantize(wide, wide, config, [64])[1] == 32 | 64
+        for name, k, v in (("k", wide, x), ("v", x, wide)):
+            with pytest.raises(ValueError, match=f"{name} holds a group spanning .* beyond float32's range"):
+                oc.quantize_kv(k, v, config, lengths=[64])
 
 
 def test_strided_inputs_as_transformers_hands_them(rng):
@@ -208,8 +218,8 @@ def test_real_model_kv():
 
 
 def test_refusal_flags(rng):
-    """A non-finite valid element sets bit 1 (keys) or 2 (values), a group beyond the scale dtype's range 4 or 8, a
-    token norm beyond float32's 16; padding is never read."""
+    """A non-finite valid element sets bit 1 (keys) or 2 (values), a group beyond the scale dtype's range 4 or 8 (and
+    one spanning more than float32's 32 or 64), a token norm beyond float32's 16; padding is never read."""
     k, v = random_kv(rng, batch=2, kv_heads=2, tokens=64, head_dim=64, dtype=np.float32)
     config = oc.QuantConfig()
     bad = k.copy()
@@ -218,9 +228,9 @@ def test_refusal_flags(rng):
     assert emulated_quantize(bad, v, config, [64, 10])[1] == 0
     bad_v = v.copy()
     bad_v[0, 1, 5, 7] = np.inf
-    assert emulated_quantize(k, bad_v, config, [64, 64])[1] == 2 | 8  # an infinite group is out of range too
+    assert emulated_quantize(k, bad_v, config, [64, 64])[1] == 2 | 8 | 64  # an infinite group is out of range, too wide
     assert emulated_quantize(k, v * 0 + 1e5, config, [64, 64])[1] == 8
-    assert emulated_quantize(k * 1e5, v, oc.QuantConfig(token_scaling="none"), [64, 64])[1] == 4
+    assert emulated_quantize(k * 1e5, v, oc.QuantConfig(token_scaling="none"), [64, 64])[1] == 4 | 32  # zero -Inf
     huge = k.copy()
     huge[0, 1, 7, :2] = 3e38  # finite keys whose norm is not
     for scaling in ("l2", "l2_per_head"):
@@ -235,7 +245,7 @@ def test_refusal_flags_of_16_bit_values(rng, dtype):
     rotation; padding is never read."""
     k, v = (x.astype(dtype) for x in random_kv(rng, batch=2, kv_heads=2, tokens=64, head_dim=64))
     for config in (oc.QuantConfig(), oc.QuantConfig.preset("kivi-2")):
-        for channel, bad_value in ((6, np.nan), (7, np.nan), (40, np.inf), (41, -np.inf)):
+        for channel, bad_value in ((6, np.nan), (7, np.nan), (25, np.nan), (40, np.inf), (41, -np.inf), (63, np.inf)):
             bad = v.copy()
             bad[1, 1, 20, channel] = bad_value
             assert emulated_quantize(k, bad, config, [64, 64])[1] & 2, (config, channel)

@@ -54,6 +54,7 @@
 
 static_assert(KEY_LANE_ROWS >= 1 && KEY_WARP_ROWS <= 32, "a warp holds at most the 32 rows of the smallest key group");
 static_assert((VAL_PER == 16 || VAL_PER == 32) && VAL_PER <= HEAD_DIM, "a lane holds 16 or 32 value channels");
+static_assert(HEAD_DIM % 32 == 0, "SPREAD rows of 16-byte quads");
 
 struct alignas(16) Vector16 { u32 word[4]; };
 struct alignas(16) Quad { float value[4]; };

@@ -18,7 +18,7 @@
 // and no shuffles merge them.
 //
 // Codes are packed by adding biased codes (the float bits that the rounding leaves) at their slots and subtracting the
-// biases once per word: one integer instruction per code (biased_code, WORD_BIAS).
+// biases once per word: one integer instruction per code (biased_code, word_bias).
 //
 // Compile-time parameters besides those of common.cuh: KEY_LANE_ROWS and VAL_PER, the lane geometry, chosen by
 // oscar_cupy/quantize_launch.py (which launches the kernels for it).
@@ -205,13 +205,12 @@ __device__ __forceinline__ u32 biased_code(float x, float zero, float inverse) {
 
 // Words are packed by adding biased codes shifted to their slots (one multiply-add or shift-add each), modulo 2^32:
 // the codes' bits never overlap, so the sum is the word plus the shifted biases, which one subtraction takes away.
-// WORD_BIAS: the biases of a word whose slots all hold a code.
+// word_bias: the biases of a word whose slots all hold a code.
 __device__ __forceinline__ constexpr u32 word_bias() {
     u32 bias = 0;
     for (int slot = 0; slot < PER_WORD; ++slot) bias += CODE_BIAS << (BITS * slot);
     return bias;
 }
-#define WORD_BIAS word_bias()
 
 // a * b + c, one integer multiply-add (for a power-of-two b the compiler would emit a shift and an addition)
 __device__ __forceinline__ u32 multiply_add(u32 a, u32 b, u32 c) {
@@ -385,7 +384,7 @@ extern "C" __global__ void __launch_bounds__(512) quantize_keys(
                 const int t = part * KEY_WARP_ROWS + r * KEY_ROWS + slot;
                 u32* out = codes_out + (bh * capacity + first + t) * KEY_WORDS_PER_ROW + row_lane * KEY_WORDS_PER_LANE;
 #pragma unroll
-                for (int w = 0; w < KEY_WORDS_PER_LANE; ++w) out[w] = t < valid ? words[r][w] - WORD_BIAS : 0u;
+                for (int w = 0; w < KEY_WORDS_PER_LANE; ++w) out[w] = t < valid ? words[r][w] - word_bias() : 0u;
             }
         }
     }

@@ -62,10 +62,9 @@ class Variant:
 
 def quantize_variant(head_dim: int, bits: int, in_dtype: str, scale_dtype: str) -> Variant:
     """The write path's kernels, with the lane geometry that :mod:`oscar_cupy.quantize_launch` launches them for."""
-    tensor_cores = quantize_launch.key_tensor_cores(head_dim, 4 if in_dtype == "float32" else 2)
-    lane_rows = {} if tensor_cores else {"KEY_LANE_ROWS": quantize_launch.KEY_LANE_ROWS[head_dim]}
     return Variant.of("quantize", HEAD_DIM=head_dim, BITS=bits, IN_DTYPE=in_dtype, SCALE_DTYPE=scale_dtype,
-                      KEY_MMA=int(tensor_cores), VAL_PER=quantize_launch.VALUE_LANE_CHANNELS[head_dim], **lane_rows)
+                      KEY_LANE_ROWS=quantize_launch.KEY_LANE_ROWS[head_dim],
+                      VAL_PER=quantize_launch.VALUE_LANE_CHANNELS[head_dim])
 
 
 def dequantize_variant(head_dim: int, bits: int, out_dtype: str, scale_dtype: str) -> Variant:

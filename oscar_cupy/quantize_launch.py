@@ -27,11 +27,6 @@ VALUE_LANE_CHANNELS = {64: 32, 128: 32, 256: 32}  # value channels per lane of q
 ROW_THREADS = 256  # THREADS of dequantize.cu, rotate.cu and window.cu
 STASH_LIMIT = 112 * 1024  # quantize_keys keeps its rows in shared memory up to this much (two blocks per H100 SM)
 SCALINGS = {"none": 0, "l2": 1, "l2_per_head": 2}
-# Where quantize_keys rotates on the tensor cores (key_tensor_cores), each rotated key may differ from the CPU
-# definition's (float32 butterflies) by up to this times the L1 norm of its row, times the Hadamard normalization (and
-# the token's inverse norm): the tensor cores sum the exact +-x products in their own order, truncating (README, "How
-# results are defined"; tests/checks.assert_keys_within_rotation_bound)
-ROTATION_ERROR = 2.0**-18
 
 
 def hadamard_normalization(head_dim: int) -> np.float32:
@@ -56,41 +51,26 @@ class KeyLaunch:
     stash: bool
 
 
-def key_tensor_cores(head_dim: int, itemsize: int) -> bool:
-    """Whether ``quantize_keys`` rotates on the tensor cores (``KEY_MMA``): 16-bit keys of head_dim 64 or 128. Its
-    float32 sums are then not the butterflies' order (README, "How results are defined")."""
-    return itemsize == 2 and head_dim in (64, 128)
-
-
 def quantize_keys_launch(batch: int, heads: int, head_dim: int, groups: int, config: QuantConfig, itemsize: int,
                          max_shared_bytes: int) -> KeyLaunch:
     """The launch over ``groups`` key groups of ``batch`` sequences of ``heads`` heads (``itemsize``: bytes per input
     element) on a device whose blocks may have up to ``max_shared_bytes`` of dynamic shared memory (the opt-in
     maximum: 227 KiB on the H100, 163 KiB on the A100, 99 KiB on sm_86/sm_89). A block takes one key group of one
-    sequence; a warp holds 16 rows of one head on the tensor cores (:func:`key_tensor_cores`), else
-    ``32 // (head_dim // 16) * KEY_LANE_ROWS``; a round takes up to ``KEY_BLOCK_WARPS`` warps' worth of heads (fewer
-    where shared memory is short); the raw rows are stashed in shared memory when they fit. Raises
-    ``ValueError`` for a lane geometry the key group does not fit, or shared memory the device does not have."""
+    sequence; a warp holds ``32 // (head_dim // 16) * KEY_LANE_ROWS`` rows of one head; the raw rows are stashed in
+    shared memory when they fit. Raises ``ValueError`` for a lane geometry the key group does not fit, or shared
+    memory the device does not have."""
     group, l2, lane_rows = config.key_group, config.token_scaling == "l2", KEY_LANE_ROWS[head_dim]
-    if key_tensor_cores(head_dim, itemsize):
-        warp_rows, warp_partials = 16, 8
-    else:
-        warp_rows, warp_partials = 32 // (head_dim // 16) * lane_rows, 32 // (head_dim // 16)
-    warps_per_head = group // warp_rows
+    warps_per_head = group // (32 // (head_dim // 16) * lane_rows)
     if not 1 <= warps_per_head <= KEY_THREADS // 32:
         raise ValueError(f"quantize_launch.KEY_LANE_ROWS[{head_dim}] = {lane_rows} does not fit key groups of {group}: "
                          f"{warps_per_head} warps per head, where a block holds 1 to {KEY_THREADS // 32}")
-    padded = head_dim + head_dim // 8  # SPREAD_DIM: per-channel floats, padded against bank conflicts
-
-    def shared_for(heads_per_round: int) -> int:
-        return ((heads * group * 8 + group * 4 if l2 else 0)  # float64 squares and inverse norms
-                + heads_per_round * 2 * warps_per_head * warp_partials * padded * 4  # partial extremes
-                + heads_per_round * 2 * padded * 4)  # group parameters
-
     heads_per_round = max(1, min(heads, KEY_BLOCK_WARPS // warps_per_head))
-    while heads_per_round > 1 and shared_for(heads_per_round) > max_shared_bytes:
-        heads_per_round -= 1  # fewer heads at once where shared memory is short
-    shared = shared_for(heads_per_round)
+    padded = head_dim + head_dim // 8  # SPREAD_DIM: per-channel floats, padded against bank conflicts
+    shared = (
+        (heads * group * 8 + group * 4 if l2 else 0)  # float64 squares and inverse norms
+        + heads_per_round * 2 * (group // lane_rows) * padded * 4  # partial extremes
+        + heads_per_round * 2 * padded * 4  # group parameters
+    )
     if shared > max_shared_bytes:
         raise ValueError(f"quantizing keys of {heads} heads in groups of {group} needs {shared} bytes of shared memory "
                          f"per block; this GPU allows {max_shared_bytes}")

@@ -47,20 +47,6 @@ __device__ __forceinline__ in_t f32_to_in(float x) { return f32_to_bf16(x); }
 #endif
 #endif
 
-// the tensor cores' product with operands of the caller's 16-bit type (mma.sync m16n8k16, float32 sums)
-#if IN_DTYPE == DTYPE_F16
-#define IN_MMA_TYPE "f16"
-#else
-#define IN_MMA_TYPE "bf16"
-#endif
-
-__device__ __forceinline__ void mma_in(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32." IN_MMA_TYPE "." IN_MMA_TYPE ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // scale dtype and directed rounding (quantizer.round_down / round_up: the nearest value on the required side)
 

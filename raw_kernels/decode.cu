@@ -582,6 +582,12 @@ __device__ __forceinline__ void packed_run(const PackedArgs& a, const SharedMemo
 #define LANE_ELEMENTS (HEAD_DIM / WARP)
 #define WINDOW_SPLIT 32  // window tokens per window split
 
+#if IN_DTYPE == DTYPE_F16
+#define IN_MMA_TYPE "f16"
+#else
+#define IN_MMA_TYPE "bf16"
+#endif
+
 // two floats as a pair of the window's dtype (low half = lo)
 __device__ __forceinline__ u32 pack_in_pair(float lo, float hi) {
     u32 r;
@@ -592,6 +598,13 @@ __device__ __forceinline__ u32 pack_in_pair(float lo, float hi) {
 // the two halves of a pair of the window's dtype as floats
 __device__ __forceinline__ float2 unpack_in_pair(u32 x) {
     return make_float2(in_to_f32((in_t)(x & 0xffffu)), in_to_f32((in_t)(x >> 16)));
+}
+
+__device__ __forceinline__ void mma_in(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." IN_MMA_TYPE "." IN_MMA_TYPE ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 // the query position of query row r (of `rows`, q_len positions per query head): it sees the tokens up to

@@ -1,6 +1,5 @@
 // Quantize-and-pack of keys and values into the packed layout of oscar_cupy/layout.py.
-// The CPU definition is oscar_cupy/quantized_kv.py (quantize_kv); every code, scale, zero and norm matches it bit
-// for bit, but where 16-bit keys are rotated on the tensor cores (KEY_MMA): within the bound the README states.
+// The CPU definition is oscar_cupy/quantized_kv.py (quantize_kv); every code, scale, zero and norm matches it.
 //
 // Both kernels read each input row from memory once and rotate it once, holding the rotated rows in registers from
 // the statistics to the encoding, and compute each group's parameters once (bench/results/quantize_profile.md).
@@ -12,8 +11,7 @@
 // key_group / that many warps hold a head's group), rotates and scales them, and leaves per-channel partial extremes
 // in shared memory; one thread per (head, channel) reduces them and computes the group's scale and zero; the lanes then
 // encode their rows from registers. Sixteen consecutive channels are exactly one 2-bit key word (two 4-bit words), so
-// keys pack in registers. With KEY_MMA (16-bit keys, head_dim 64 or 128) phase 2 rotates on the tensor cores instead
-// of with butterflies: a warp holds 16 rows, a lane two of them, HEAD_DIM / 4 channels each (hadamard_tiles).
+// keys pack in registers.
 //
 // Values: a lane holds VAL_PER channels (16 or 32: half of or a whole value group of 32) of one token; each row slot of
 // a warp walks the PER_WORD tokens of one value word row, so a lane gathers whole words (one per channel) in registers
@@ -39,6 +37,7 @@
 #define KEY_PER 16                                  // channels per lane
 #define KEY_ROW_LANES (HEAD_DIM / KEY_PER)          // lanes per row
 #define KEY_ROWS (WARP / KEY_ROW_LANES)             // row slots per warp
+#define KEY_WARP_ROWS (KEY_ROWS * KEY_LANE_ROWS)    // rows a warp holds (KEY_LANE_ROWS: rows a lane holds at once)
 #define KEY_BATCH 4                                 // rows per lane whose loads phase 1 issues together
 #define KEY_WORDS_PER_ROW (HEAD_DIM / PER_WORD)
 // per-channel floats in shared memory (partial extremes, group parameters): channel c of a row at SPREAD(c), four
@@ -53,22 +52,7 @@
 #define VAL_THREADS 128
 #define VAL_WARPS (VAL_THREADS / WARP)
 
-#if KEY_MMA
-// phase 2 on the tensor cores: a warp holds 16 rows, a lane rows `row8` and row8 + 8 (row8 = lane / 4), MMA_CH
-// channels of each from MMA_CH * (lane % 4) on (hadamard_tiles)
-static_assert(IN_DTYPE != DTYPE_F32 && (HEAD_DIM == 64 || HEAD_DIM == 128), "tensor cores: 16-bit keys, head_dim 64/128");
-#define KEY_WARP_ROWS 16
-#define KEY_WARP_PARTIALS 8                         // partial extremes per warp: one per row8
-#define MMA_CH (HEAD_DIM / 4)                       // channels per lane and row
-#define MMA_WORDS (MMA_CH / 2)
-#define MMA_CHUNKS (MMA_CH * 2 / 16)                // 16-byte chunks per lane and row
-#define MMA_STEPS (MMA_CH / 4)                      // products over 16 input channels
-#define MMA_TILES (MMA_CH / 2)                      // products into 8 output channels
-#else
-#define KEY_WARP_ROWS (KEY_ROWS * KEY_LANE_ROWS)    // rows a warp holds (KEY_LANE_ROWS: rows a lane holds at once)
-#define KEY_WARP_PARTIALS KEY_ROWS                  // partial extremes per warp: one per row slot
 static_assert(KEY_LANE_ROWS >= 1 && KEY_WARP_ROWS <= 32, "a warp holds at most the 32 rows of the smallest key group");
-#endif
 static_assert((VAL_PER == 16 || VAL_PER == 32) && VAL_PER <= HEAD_DIM, "a lane holds 16 or 32 value channels");
 static_assert(HEAD_DIM % 32 == 0, "SPREAD rows of 16-byte quads");
 
@@ -94,50 +78,25 @@ __device__ __forceinline__ void load_quads(const float* from, float (&x)[N]) {
 }
 
 #define ROW_WORDS(N) ((N) * (int)sizeof(in_t) / 4)  // the 32-bit words of N elements
-#define KEY_CHUNKS (ROW_WORDS(KEY_PER) / 4)          // 16-byte chunks of a phase-1 lane's KEY_PER elements
 
-// N consecutive elements at `from` (16-byte aligned, global or shared memory) as 32-bit words, in 16-byte chunks
+// N consecutive elements at `from` (16-byte aligned, global or shared memory) as 32-bit words, in 16-byte chunks;
+// chunk i is read from chunk i ^ swap (the stash's order, stash_swap)
 template <int N>
-__device__ __forceinline__ void load_words(const in_t* __restrict__ from, u32 (&w)[ROW_WORDS(N)]) {
+__device__ __forceinline__ void load_words(const in_t* __restrict__ from, u32 (&w)[ROW_WORDS(N)], int swap = 0) {
 #pragma unroll
     for (int i = 0; i < ROW_WORDS(N) / 4; ++i) {
-        const Vector16 chunk = reinterpret_cast<const Vector16*>(from)[i];
+        const Vector16 chunk = reinterpret_cast<const Vector16*>(from)[i ^ swap];
 #pragma unroll
         for (int k = 0; k < 4; ++k) w[4 * i + k] = chunk.word[k];
     }
 }
 
-// The stash holds a row's 16-byte chunk c at chunk stash_chunk(c, row) of the row's place, so that the 8 lanes of a
-// quarter warp reach 8 different bank groups both where phase 1 writes (lanes of KEY_PER channels: one row per
-// quarter warp, two at head_dim 64) and where phase 2 reads (the same lanes, or with tensor cores 4 lanes of
-// HEAD_DIM / 4 channels per row, two rows per quarter warp): bit 3 of c flips bit 0, the row's parity bit 1 (bit 0 at
-// head_dim 64, whose rows are 8 chunks).
-__device__ __forceinline__ int stash_chunk(int c, int row) {
-#if HEAD_DIM == 64 && IN_DTYPE != DTYPE_F32
-    return c ^ (row & 1);
-#else
-    return c ^ ((c >> 3) & 1) ^ ((row & 1) << 1);
-#endif
-}
-
-// N consecutive elements of stashed row `row` (at `place`) from chunk `first` on, as 32-bit words
+// load_words' inverse: chunk i of the words written to chunk i ^ swap at `to`
 template <int N>
-__device__ __forceinline__ void load_stashed(const in_t* place, int first, int row, u32 (&w)[ROW_WORDS(N)]) {
-#pragma unroll
-    for (int i = 0; i < ROW_WORDS(N) / 4; ++i) {
-        const Vector16 chunk = reinterpret_cast<const Vector16*>(place)[stash_chunk(first + i, row)];
-#pragma unroll
-        for (int k = 0; k < 4; ++k) w[4 * i + k] = chunk.word[k];
-    }
-}
-
-// load_stashed's inverse
-template <int N>
-__device__ __forceinline__ void store_stashed(in_t* place, int first, int row, const u32 (&w)[ROW_WORDS(N)]) {
+__device__ __forceinline__ void store_words(in_t* __restrict__ to, const u32 (&w)[ROW_WORDS(N)], int swap = 0) {
 #pragma unroll
     for (int i = 0; i < ROW_WORDS(N) / 4; ++i)
-        reinterpret_cast<Vector16*>(place)[stash_chunk(first + i, row)] =
-            Vector16{{w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]}};
+        reinterpret_cast<Vector16*>(to)[i ^ swap] = Vector16{{w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]}};
 }
 
 // the N elements held in words (element j in the low half of word j / 2 when elements have 16 bits) widened to
@@ -154,6 +113,18 @@ __device__ __forceinline__ void widen(const u32 (&w)[ROW_WORDS(N)], float (&x)[N
         x[j] = in_to_f32((in_t)(j % 2 ? w[j / 2] >> 16 : w[j / 2]));
 #endif
     }
+}
+
+// a row's chunks in the stash: a lane's 16-byte chunk i sits at i ^ swap, swap = ((lane in row / 4) ^ row) & 1, so
+// that the 8 lanes of a quarter warp (one row for head_dim >= 128, two rows for 64) reach 8 different bank groups
+__device__ __forceinline__ int stash_swap(int row_lane, int row) { return ((row_lane >> 2) ^ row) & 1; }
+
+// N consecutive elements widened to float32 (`swap`: the chunk order of a stashed row)
+template <int N>
+__device__ __forceinline__ void load_row(const in_t* __restrict__ row, float (&x)[N], int swap = 0) {
+    u32 w[ROW_WORDS(N)];
+    load_words<N>(row, w, swap);
+    widen<N>(w, x);
 }
 
 // `bad` turns NaN where an element is not finite (inf * 0 and NaN * 0 are NaN)
@@ -181,7 +152,7 @@ __device__ __forceinline__ u32 poison_pairs(u32 pair, u32 bad) {
 }
 #endif
 
-// load_words, widen and check_finite in one (16-bit elements are checked in pairs, before they are widened)
+// load_row and check_finite in one (16-bit elements are checked in pairs, before they are widened)
 template <int N>
 __device__ __forceinline__ void load_checked_row(const in_t* __restrict__ row, float (&x)[N], finite_flag& bad) {
     u32 w[ROW_WORDS(N)];
@@ -248,60 +219,12 @@ __device__ __forceinline__ u32 multiply_add(u32 a, u32 b, u32 c) {
     return d;
 }
 
-#if KEY_MMA
-#if IN_DTYPE == DTYPE_F16
-#define ONE_PAIR 0x3c003c00u  // +1 in both halves
-#else
-#define ONE_PAIR 0x3f803f80u
-#endif
-#define SIGN_PAIR 0x80008000u  // the sign bits of both halves
-
-// whether x (>= 0, known at compile time where it is called) has an odd number of set bits
-__device__ __forceinline__ constexpr bool odd_bits(int x) {
-    bool odd = false;
-    for (; x; x >>= 1) odd ^= x & 1;
-    return odd;
-}
-
-// The Hadamard product of a lane's two rows on the tensor cores (unnormalized: +-1 entries): sums[j][e] (row row8)
-// and sums[j][2 + e] (row row8 + 8) is output channel MMA_CH * quarter + 2j + e, summed over the 16-bit input
-// channels that w holds (w[r][i]: channels MMA_CH * quarter + 2i and 2i + 1 of row r, low half first).
-// The A fragments are the input words as they are: product s takes, for lane quarter, the k slots 2 quarter + {0, 1}
-// from word s and 2 quarter + {8, 9} from word MMA_STEPS + s, so k slot (s, quarter, r0, r1) is input channel
-// in = MMA_CH * quarter + (MMA_CH / 2) r1 + 2 s + r0; C fragment (j, quarter, e) is output channel out = MMA_CH * quarter
-// + 2j + e. The B fragment of product (s, j) holds H[in][out] = (-1)^popcount(in & out), lane row8 holding column
-// n = row8 (out = MMA_CH * (row8 / 2) + 2j + row8 % 2): bit by bit, in & out = r0 & (row8 % 2) (bit 0), s & j (bits
-// 1 to log2 MMA_STEPS), r1 & (j / MMA_STEPS) (the next) and quarter & (row8 / 2) (the top two). So every product's B is
-// a lane's `plus` pair (its signs for r0 = 0 and 1) or its negation `minus`, chosen at compile time.
-__device__ __forceinline__ void hadamard_tiles(const u32 (&w)[2][MMA_WORDS], float (&sums)[MMA_TILES][4], int quarter,
-                                               int row8) {
-    const int shared_bits = quarter & (row8 >> 1);
-    const u32 plus = ONE_PAIR ^ (((shared_bits ^ (shared_bits >> 1)) & 1) ? SIGN_PAIR : 0u)
-                     ^ ((row8 & 1) ? 0x80000000u : 0u);
-    const u32 minus = plus ^ SIGN_PAIR;
-#pragma unroll
-    for (int j = 0; j < MMA_TILES; ++j) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) sums[j][i] = 0.f;
-    }
-#pragma unroll
-    for (int s = 0; s < MMA_STEPS; ++s) {
-#pragma unroll
-        for (int j = 0; j < MMA_TILES; ++j) {
-            const bool low = odd_bits(s & j & (MMA_STEPS - 1)), high = low ^ (j >= MMA_STEPS);
-            mma_in(sums[j], w[0][s], w[1][s], w[0][MMA_STEPS + s], w[1][MMA_STEPS + s], low ? minus : plus,
-                   high ? minus : plus);
-        }
-    }
-}
-#endif
-
 // Keys. Grid (key groups of the capacity, B); block 32 * warps_per_head * heads_per_round threads, warps_per_head =
 // key_group / KEY_WARP_ROWS. Dynamic shared memory, in this order (bytes, see launch_quantize_keys):
 //   l2: squares, double [heads][key_group]; inverse norms, float [key_group]
-//   partial extremes, float [heads_per_round][2][warps_per_head * KEY_WARP_PARTIALS][SPREAD_DIM]
+//   partial extremes, float [heads_per_round][2][key_group / KEY_LANE_ROWS][SPREAD_DIM]
 //   group parameters (float32 zero and inverse scale), float [heads_per_round][2][SPREAD_DIM]
-//   stash (l2 only, when it fits): in_t [heads][key_group][HEAD_DIM], chunks placed as stash_chunk says
+//   stash (l2 only, when it fits): in_t [heads][key_group][HEAD_DIM], chunks swapped as stash_swap says
 extern "C" __global__ void __launch_bounds__(512) quantize_keys(
     const in_t* __restrict__ keys, i64 stride_batch, i64 stride_head, i64 stride_token,
     const i64* __restrict__ lengths, int heads, int groups, int key_group, int rotate, int scaling,
@@ -315,8 +238,8 @@ extern "C" __global__ void __launch_bounds__(512) quantize_keys(
     const int first = g * key_group;
     const int valid = max(0, min((int)lengths[b] - first, key_group));
     const i64 capacity = (i64)groups * key_group;
-    const int warps_per_head = key_group / KEY_WARP_ROWS, partials = warps_per_head * KEY_WARP_PARTIALS;
-    const in_t* rows_in = keys + b * stride_batch + first * stride_token;  // token 0 of the group, head 0
+    const int warps_per_head = key_group / KEY_WARP_ROWS, partials = key_group / KEY_LANE_ROWS;
+    const in_t* base = keys + b * stride_batch + first * stride_token + row_lane * KEY_PER;
     float bad = 0.f;
     bool in_range = true, norms_in_range = true, narrow = true;
 
@@ -328,7 +251,7 @@ extern "C" __global__ void __launch_bounds__(512) quantize_keys(
     next += heads_per_round * 2 * partials * SPREAD_DIM * sizeof(float);
     float* params = reinterpret_cast<float*>(next);
     next += heads_per_round * 2 * SPREAD_DIM * sizeof(float);
-    in_t* stashed = reinterpret_cast<in_t*>(next);
+    in_t* stashed = reinterpret_cast<in_t*>(next) + row_lane * KEY_PER;
 
     if (scaling == SCALING_L2) {  // phase 1: token norms over all heads (before the rotation: scaling.token_norms)
         const int rows = heads * key_group, stride = warps * KEY_ROWS;
@@ -337,8 +260,7 @@ extern "C" __global__ void __launch_bounds__(512) quantize_keys(
 #pragma unroll
             for (int k = 0; k < KEY_BATCH; ++k) {
                 const int i = i0 + k * stride + slot, h = i / key_group, t = i % key_group;
-                if (i < rows && t < valid)
-                    load_words<KEY_PER>(rows_in + h * stride_head + t * stride_token + row_lane * KEY_PER, elements[k]);
+                if (i < rows && t < valid) load_words<KEY_PER>(base + h * stride_head + t * stride_token, elements[k]);
             }
 #pragma unroll
             for (int k = 0; k < KEY_BATCH; ++k) {
@@ -347,7 +269,7 @@ extern "C" __global__ void __launch_bounds__(512) quantize_keys(
                 double sum = 0.0;
                 if (row_valid) {
                     if (stash)
-                        store_stashed<KEY_PER>(stashed + (i64)i * HEAD_DIM, row_lane * KEY_CHUNKS, i, elements[k]);
+                        store_words<KEY_PER>(stashed + (i64)i * HEAD_DIM, elements[k], stash_swap(row_lane, i));
                     float x[KEY_PER];
                     widen<KEY_PER>(elements[k], x);
                     sum = row_squares(x);
@@ -374,79 +296,6 @@ extern "C" __global__ void __launch_bounds__(512) quantize_keys(
         const int h = h0 + head_slot;
         const bool active = h < heads;  // warp-uniform
         const i64 bh = (i64)b * heads + h;
-#if KEY_MMA
-        // rows t0 and t0 + 8 of the warp's 16, channels MMA_CH * quarter onwards (the tensor cores' fragments)
-        const int row8 = lane / 4, quarter = lane % 4;
-        const int t0 = part * KEY_WARP_ROWS + row8, t1 = t0 + 8;
-        const bool valid0 = active && t0 < valid, valid1 = active && t1 < valid;
-        const int rows[2] = {t0, valid1 ? t1 : t0};  // an invalid second row repeats the first (same extremes)
-        u32 w[2][MMA_WORDS];
-        float inverse[2] = {1.f, 1.f}, y[2][MMA_CH];  // y: the rotated (and scaled) rows
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-#pragma unroll
-            for (int i = 0; i < MMA_WORDS; ++i) w[r][i] = 0u;
-            if (valid0) {
-                if (stash)
-                    load_stashed<MMA_CH>(stashed + ((i64)h * key_group + rows[r]) * HEAD_DIM, quarter * MMA_CHUNKS,
-                                         rows[r], w[r]);
-                else
-                    load_words<MMA_CH>(rows_in + h * stride_head + rows[r] * stride_token + quarter * MMA_CH, w[r]);
-            }
-            if (scaling == SCALING_NONE) {
-                finite_flag pairs = 0u;
-#pragma unroll
-                for (int i = 0; i < MMA_WORDS; ++i) pairs = poison_pairs(w[r][i], pairs);
-                if (pairs != 0u) bad = __int_as_float(0x7fc00000);
-            } else if (scaling == SCALING_L2) {
-                inverse[r] = valid0 ? inverse_norms[rows[r]] : 1.f;
-            } else {  // SCALING_L2_PER_HEAD, before the rotation, as above
-                float x[MMA_CH];
-                widen<MMA_CH>(w[r], x);
-                const double sum = row_sum(row_squares(x), 4);
-                if (!finite_squares(sum)) bad = __int_as_float(0x7fc00000);
-                const float norm = norm_of(sum);
-                const bool row_valid = r ? valid1 : valid0;
-                norms_in_range &= !(row_valid && norm_overflows(norm));
-                inverse[r] = 1.0f / norm;
-                if (active && quarter == 0) norms_out[bh * capacity + first + (r ? t1 : t0)] = row_valid ? norm : 0.f;
-            }
-        }
-        if (rotate) {
-            float sums[MMA_TILES][4];
-            hadamard_tiles(w, sums, quarter, row8);
-#pragma unroll
-            for (int j = 0; j < MMA_TILES; ++j) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    y[0][2 * j + e] = sums[j][e] * hadamard_normalization;
-                    y[1][2 * j + e] = sums[j][2 + e] * hadamard_normalization;
-                }
-            }
-        } else {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) widen<MMA_CH>(w[r], y[r]);
-        }
-        if (scaling != SCALING_NONE) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-#pragma unroll
-                for (int c = 0; c < MMA_CH; ++c) y[r][c] = y[r][c] * inverse[r];
-            }
-        }
-        if (active) {  // the extremes of this lane's two rows, as one of the group's partials
-            float minimum[MMA_CH], maximum[MMA_CH];
-#pragma unroll
-            for (int c = 0; c < MMA_CH; ++c) {
-                minimum[c] = valid0 ? fminf(y[0][c], y[1][c]) : __int_as_float(0x7f800000);
-                maximum[c] = valid0 ? fmaxf(y[0][c], y[1][c]) : __int_as_float(0xff800000);
-            }
-            float* partial = extremes + ((head_slot * 2) * partials + part * KEY_WARP_PARTIALS + row8) * SPREAD_DIM
-                             + SPREAD(quarter * MMA_CH);
-            store_quads(partial, minimum);
-            store_quads(partial + partials * SPREAD_DIM, maximum);
-        }
-#else
         float x[KEY_LANE_ROWS][KEY_PER];  // every warp runs this (no divergent shuffles); inactive ones load nothing
 #pragma unroll
         for (int r = 0; r < KEY_LANE_ROWS; ++r) {
@@ -455,13 +304,10 @@ extern "C" __global__ void __launch_bounds__(512) quantize_keys(
 #pragma unroll
             for (int j = 0; j < KEY_PER; ++j) x[r][j] = 0.f;
             if (row_valid) {
-                u32 words[ROW_WORDS(KEY_PER)];
                 if (stash)
-                    load_stashed<KEY_PER>(stashed + ((i64)h * key_group + t) * HEAD_DIM, row_lane * KEY_CHUNKS, t,
-                                          words);
+                    load_row<KEY_PER>(stashed + ((i64)h * key_group + t) * HEAD_DIM, x[r], stash_swap(row_lane, t));
                 else
-                    load_words<KEY_PER>(rows_in + h * stride_head + t * stride_token + row_lane * KEY_PER, words);
-                widen<KEY_PER>(words, x[r]);
+                    load_row<KEY_PER>(base + h * stride_head + t * stride_token, x[r]);
                 if (scaling == SCALING_NONE) check_finite(x[r], bad);
             }
             float inverse = 1.f;
@@ -495,12 +341,11 @@ extern "C" __global__ void __launch_bounds__(512) quantize_keys(
                     }
                 }
             }
-            float* partial = extremes + ((head_slot * 2) * partials + part * KEY_WARP_PARTIALS + slot) * SPREAD_DIM
+            float* partial = extremes + ((head_slot * 2) * partials + part * KEY_ROWS + slot) * SPREAD_DIM
                              + SPREAD(row_lane * KEY_PER);
             store_quads(partial, minimum);
             store_quads(partial + partials * SPREAD_DIM, maximum);
         }
-#endif
         __syncthreads();
         for (int i = threadIdx.x; i < heads_per_round * HEAD_DIM; i += blockDim.x) {  // one thread per channel
             const int hs = i / HEAD_DIM, c = i % HEAD_DIM;
@@ -521,33 +366,6 @@ extern "C" __global__ void __launch_bounds__(512) quantize_keys(
             params[(hs * 2 + 1) * SPREAD_DIM + SPREAD(c)] = q.inverse;
         }
         __syncthreads();
-#if KEY_MMA
-        if (active) {  // encode and pack the two rows held, MMA_CH / PER_WORD words each
-            u32 words[2][MMA_CH / PER_WORD] = {};
-            const float* lane_params = params + head_slot * 2 * SPREAD_DIM + SPREAD(quarter * MMA_CH);
-#pragma unroll
-            for (int i = 0; i < MMA_CH / 4; ++i) {
-                const Quad zero = reinterpret_cast<const Quad*>(lane_params)[i];
-                const Quad inverse = reinterpret_cast<const Quad*>(lane_params + SPREAD_DIM)[i];
-#pragma unroll
-                for (int k = 0; k < 4; ++k) {
-                    const int c = 4 * i + k;
-#pragma unroll
-                    for (int r = 0; r < 2; ++r)
-                        words[r][c / PER_WORD] += biased_code(y[r][c], zero.value[k], inverse.value[k])
-                                                  << (BITS * slot_of(c % PER_WORD));
-                }
-            }
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const bool row_valid = r ? valid1 : valid0;
-                u32* out = codes_out + (bh * capacity + first + (r ? t1 : t0)) * KEY_WORDS_PER_ROW
-                           + quarter * (MMA_CH / PER_WORD);
-#pragma unroll
-                for (int k = 0; k < MMA_CH / PER_WORD; ++k) out[k] = row_valid ? words[r][k] - word_bias() : 0u;
-            }
-        }
-#else
         if (active) {  // encode and pack the rows held, one or two words per row
             u32 words[KEY_LANE_ROWS][KEY_WORDS_PER_LANE] = {};
             float zero[KEY_PER], inverse[KEY_PER];
@@ -569,7 +387,6 @@ extern "C" __global__ void __launch_bounds__(512) quantize_keys(
                 for (int w = 0; w < KEY_WORDS_PER_LANE; ++w) out[w] = t < valid ? words[r][w] - word_bias() : 0u;
             }
         }
-#endif
     }
     if (bad != 0.f) atomicOr(refused, 1);
     if (!in_range) atomicOr(refused, 4);

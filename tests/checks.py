@@ -6,9 +6,6 @@ from oracle import attention as oracle_attention
 from oracle import quantize as oracle_quantize
 
 import oscar_cupy as oc
-from oscar_cupy import layout, quantize_launch, quantizer
-from oscar_cupy.rotation import rotate
-from oscar_cupy.scaling import divide_by_norms, token_norms
 
 
 def assert_matches_oracle(k, v, config, lengths, qkv):
@@ -78,62 +75,3 @@ def reference(q, qkv, window_k=None, window_v=None, window_lengths=None, scale=N
     scale = 1 / np.sqrt(q.shape[-1]) if scale is None else scale
     return oracle_attention(q, keys, values, norms, qkv.lengths, window_k, window_v, window_lengths,
                             qkv.config.rotation, qkv.config.rotate_values, scale)
-
-
-def assert_packed_like_cpu(k, v, config, lengths, cpu: dict, kernel: dict) -> None:
-    """The kernels' packed arrays ``kernel`` against the CPU reference's ``cpu`` for numpy ``k``, ``v`` (B, H, T, D):
-    bit for bit, but for keys rotated on the tensor cores (quantize_launch.key_tensor_cores), whose codes, scales and
-    zeros are checked with :func:`assert_keys_within_rotation_bound`."""
-    assert set(kernel) == set(cpu)
-    inexact = set()
-    if quantize_launch.key_tensor_cores(k.shape[3], k.dtype.itemsize) and quantize_launch.uses_hadamard(config):
-        inexact = {"k_codes", "k_scales", "k_zeros"}
-        assert_keys_within_rotation_bound(k, config, lengths, cpu, kernel)
-    for name in cpu:
-        assert kernel[name].shape == cpu[name].shape and kernel[name].dtype == cpu[name].dtype, name
-        if name not in inexact:
-            np.testing.assert_array_equal(kernel[name].view(np.uint8), cpu[name].view(np.uint8), err_msg=name)
-
-
-def assert_keys_within_rotation_bound(k, config, lengths, cpu: dict, kernel: dict) -> None:
-    """Key codes, scales and zeros as the CPU definition gives them for rotated keys that may each differ from the
-    CPU's by quantize_launch.ROTATION_ERROR times the L1 norm of the key row (times the Hadamard normalization and the
-    token's inverse norm): each zero between the zeros of the group's extremes moved down and up by that much, each
-    scale between the scales for the maximum moved down and up from that zero, each code between the codes of the
-    value moved down and up, with the kernel's own scale and zero; and at least 99.9% of codes, and 99% of float16 or
-    bfloat16 scales and zeros, identical to the CPU's (the bound is for the few values near a rounding boundary)."""
-    batch, heads, tokens, head_dim = k.shape
-    capacity, group, levels = cpu["k_scales"].shape[2] * config.key_group, config.key_group, 2**config.bits - 1
-    dtype = quantizer.scale_dtype(config.scale_dtype)
-    valid = np.arange(capacity)[None, :] < np.asarray(lengths)[:, None]  # (B, T)
-    raw = np.zeros((batch, heads, capacity, head_dim), np.float32)
-    raw[:, :, :tokens] = k.astype(np.float32)
-    raw[~np.broadcast_to(valid[:, None], raw.shape[:3])] = 0
-    norms = token_norms(raw, config.token_scaling)
-    inverse = np.ones((batch, 1, capacity)) if norms is None else 1.0 / norms.astype(np.float64)
-    stored = divide_by_norms(rotate(raw, config.rotation), norms).astype(np.float64)
-    slack = (quantize_launch.ROTATION_ERROR * float(quantize_launch.hadamard_normalization(head_dim))
-             * np.abs(raw).astype(np.float64).sum(axis=-1) * inverse)[..., None] + 1e-45
-    low, high = stored - slack, stored + slack
-    shape = (batch, heads, capacity // group, group, head_dim)
-    mask = np.broadcast_to(valid.reshape(batch, 1, -1, group, 1), shape)
-    group_valid = mask.any(axis=3)
-    lowest = [np.where(group_valid, x.reshape(shape).min(axis=3, where=mask, initial=np.inf), 0) for x in (low, high)]
-    highest = [np.where(group_valid, x.reshape(shape).max(axis=3, where=mask, initial=-np.inf), 0) for x in (low, high)]
-    zero = kernel["k_zeros"].astype(np.float64)
-    scale = kernel["k_scales"].astype(np.float64)
-    assert np.all(quantizer.round_down(lowest[0], dtype) <= zero) and np.all(zero <= quantizer.round_down(lowest[1], dtype))
-    assert np.all(quantizer.round_up((highest[0] - zero) / levels, dtype) <= scale)
-    assert np.all(scale <= quantizer.round_up((highest[1] - zero) / levels, dtype))
-    codes = layout.unpack_key_codes(kernel["k_codes"], config.bits)
-    scales = np.repeat(kernel["k_scales"], group, axis=2)
-    zeros = np.repeat(kernel["k_zeros"], group, axis=2)
-    down = quantizer.encode(np.nextafter(low.astype(np.float32), np.float32(-np.inf)), scales, zeros, config.bits)
-    up = quantizer.encode(np.nextafter(high.astype(np.float32), np.float32(np.inf)), scales, zeros, config.bits)
-    checked = np.broadcast_to(valid[:, None, :, None], codes.shape)
-    assert np.all((down <= codes) & (codes <= up) | ~checked)
-    assert not codes[~checked].any()
-    assert np.mean(codes == layout.unpack_key_codes(cpu["k_codes"], config.bits)) >= 0.999
-    if config.scale_dtype != "float32":  # a float32 scale or zero keeps the extremes' last bits
-        for name in ("k_scales", "k_zeros"):
-            assert np.mean(kernel[name] == cpu[name]) >= 0.99, name

@@ -9,7 +9,6 @@ import os
 import ml_dtypes
 import numpy as np
 import pytest
-from checks import assert_packed_like_cpu
 from conftest import DTYPES, WRITE_PATH_CONFIGS, config_id, random_kv
 
 import oscar_cupy as oc
@@ -37,9 +36,12 @@ def gpu_quantize(k, v, config, lengths):
 
 
 def assert_same_as_cpu(k, v, config, lengths):
-    """Bit for bit, or within the tensor cores' rotation bound (checks.assert_packed_like_cpu)."""
     cpu = oc.quantize_kv(k, v, config, lengths=lengths).arrays()
-    assert_packed_like_cpu(k, v, config, lengths, cpu, gpu_quantize(k, v, config, lengths))
+    gpu = gpu_quantize(k, v, config, lengths)
+    assert set(gpu) == set(cpu)
+    for name in cpu:
+        assert gpu[name].dtype == cpu[name].dtype and gpu[name].shape == cpu[name].shape, name
+        np.testing.assert_array_equal(gpu[name].view(np.uint8), cpu[name].view(np.uint8), err_msg=name)
 
 
 
@@ -203,8 +205,7 @@ def test_launches_on_the_inputs_device(rng):
         k1, v1 = cupy.asarray(k), cupy.asarray(v)
     qkv = oc.quantize_kv(k1, v1)
     assert qkv.k_codes.device.id == 1
-    gpu = {name: cupy.asnumpy(array) for name, array in qkv.arrays().items()}
-    assert_packed_like_cpu(k, v, qkv.config, [k.shape[2]], oc.quantize_kv(k, v).arrays(), gpu)
+    np.testing.assert_array_equal(cupy.asnumpy(qkv.k_codes), oc.quantize_kv(k, v).k_codes)
 
 
 def test_layer_cache_on_the_gpu_stores_what_the_cpu_cache_stores(rng):
@@ -221,11 +222,6 @@ def test_layer_cache_on_the_gpu_stores_what_the_cpu_cache_stores(rng):
     cpu, gpu = caches
     np.testing.assert_array_equal(gpu.packed_lengths, cpu.packed_lengths)
     np.testing.assert_array_equal(gpu.window_lengths, cpu.window_lengths)
-    # each sequence's tokens as the caches hold them: its prefill, then the appended tokens
-    held = [np.concatenate([x[b, :, :n], x[b, :, 100:]], axis=1) for x in (k, v) for b, n in enumerate([100, 70])]
-    tokens = max(x.shape[1] for x in held)
-    k_held, v_held = (np.stack([np.pad(x, ((0, 0), (0, tokens - x.shape[1]), (0, 0))) for x in pair])
-                      for pair in (held[:2], held[2:]))
-    packed = {name: cupy.asnumpy(array) for name, array in gpu.packed().arrays().items()}
-    assert_packed_like_cpu(k_held, v_held, config, cpu.packed_lengths, cpu.packed().arrays(), packed)
+    for name, array in cpu.packed().arrays().items():
+        np.testing.assert_array_equal(cupy.asnumpy(gpu.packed().arrays()[name]), array, err_msg=name)
     np.testing.assert_array_equal(cupy.asnumpy(gpu._window_k), cpu._window_k)

@@ -10,7 +10,6 @@ import os
 import ml_dtypes
 import numpy as np
 import pytest
-from checks import assert_packed_like_cpu
 from conftest import DTYPES, WRITE_PATH_CONFIGS, config_id, random_kv
 from emulator import COMPILER, Module
 
@@ -61,11 +60,13 @@ def emulated_quantize(k, v, config, lengths, source=None, max_shared_bytes=H100_
 
 
 def assert_same_as_cpu(k, v, config, lengths, max_shared_bytes=H100_SHARED_BYTES):
-    """Bit for bit, or within the tensor cores' rotation bound (checks.assert_packed_like_cpu)."""
     cpu = oc.quantize_kv(k, v, config, lengths=lengths).arrays()
     emulated, refused = emulated_quantize(k, v, config, lengths, max_shared_bytes=max_shared_bytes)
     assert refused == 0
-    assert_packed_like_cpu(k, v, config, lengths, cpu, emulated)
+    assert set(emulated) == set(cpu)
+    for name in cpu:
+        assert emulated[name].shape == cpu[name].shape and emulated[name].dtype == cpu[name].dtype, name
+        np.testing.assert_array_equal(emulated[name].view(np.uint8), cpu[name].view(np.uint8), err_msg=name)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
@@ -100,10 +101,10 @@ def test_a_geometry_that_does_not_fit_is_refused(monkeypatch):
 def test_smaller_shared_memory(rng, max_shared_kib):
     """On GPUs with less shared memory per block (99 KiB on sm_86/sm_89) the raw rows that do not fit are read again
     instead of stashed, with the same results; what cannot fit at all is refused before the launch."""
-    k, v = random_kv(rng, batch=2, kv_heads=4, tokens=64, head_dim=128, dtype=ml_dtypes.bfloat16)
-    config = oc.QuantConfig()  # with the stash, 110 KiB per block on the H100 and the A100
-    assert quantize_launch.quantize_keys_launch(2, 4, 128, 2, config, 2, H100_SHARED_BYTES).shared_bytes > 99 * 1024
-    assert not quantize_launch.quantize_keys_launch(2, 4, 128, 2, config, 2, max_shared_kib * 1024).stash
+    k, v = random_kv(rng, batch=2, kv_heads=8, tokens=64, head_dim=128, dtype=ml_dtypes.bfloat16)
+    config = oc.QuantConfig()  # Llama-3-8B's keys: with the stash, 104 KiB per block on the H100 and the A100
+    assert quantize_launch.quantize_keys_launch(2, 8, 128, 2, config, 2, H100_SHARED_BYTES).shared_bytes > 99 * 1024
+    assert not quantize_launch.quantize_keys_launch(2, 8, 128, 2, config, 2, max_shared_kib * 1024).stash
     assert_same_as_cpu(k, v, config, [64, 50], max_shared_bytes=max_shared_kib * 1024)
     with pytest.raises(ValueError, match="needs .* bytes of shared memory per block; this GPU allows 8192"):
         quantize_launch.quantize_keys_launch(2, 8, 128, 2, config, 2, 8 * 1024)

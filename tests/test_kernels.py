@@ -52,7 +52,7 @@ def test_compile_error_names_the_kernel_and_carries_the_log(monkeypatch):
     with pytest.raises(nvrtc.CompileError) as error:
         kernels.compile_variant(VARIANT, "sm_90")
     message = str(error.value)
-    assert "quantize(BITS=2, HEAD_DIM=128, IN_DTYPE=bfloat16, KEY_MMA=1, SCALE_DTYPE=float16, VAL_PER=32)" in message
+    assert "quantize(BITS=2, HEAD_DIM=128, IN_DTYPE=bfloat16, KEY_LANE_ROWS=4, SCALE_DTYPE=float16, VAL_PER=32)" in message
     assert "sm_90" in message and "undefined_thing" in message
 
 

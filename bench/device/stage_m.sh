@@ -10,6 +10,7 @@ set -u
 O=$(realpath "$OUT")
 REPO=$(pwd)
 export PYTHONUNBUFFERED=1 OSCAR_REAL_KV=$(realpath .assets/smollm2_kv.npz)
+rm -rf /tmp/site  # a warm machine keeps the last install
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$O/info.log"

@@ -1,4 +1,5 @@
-# Keys rotated on the tensor cores (2026-12-07): the write-path GPU tests (bit for bit against the CPU reference, or
+# Keys rotated on the tensor cores (2026-12-07; run on commit 8b31d30, reverted after it: results in
+# bench/results/quantize_tensor_core_keys_ab.md): the write-path GPU tests (bit for bit against the CPU reference, or
 # within the tensor cores' rotation bound), the write-path benchmark, and an A/B of this checkout against the kernels
 # before it (ab_tmp/base: `git archive 437eab5 oscar_cupy raw_kernels adapters | tar -x -C ab_tmp/base`) in
 # alternating rounds of one run (bench/ab.py), with candidates made here from the checkout (CANDIDATES= leaves them
@@ -9,6 +10,7 @@ set -u
 O=$(realpath "$OUT")
 REPO=$(pwd)
 export PYTHONUNBUFFERED=1 OSCAR_REAL_KV=$(realpath .assets/smollm2_kv.npz)
+rm -rf /tmp/site  # a warm machine keeps the last install
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$O/info.log"
